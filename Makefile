@@ -1,0 +1,44 @@
+# cervspine — `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= data/synthetic_demo
+PYTEST_ARGS ?=
+
+.PHONY: help install demo test test-slow bench lint format fuzz clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install cervspine with its test extras
+
+demo: $(STAMP) ## synthesize an RSNA-format folder, then run the whole pipeline on it
+	$(PY) -m cervspine.demo out=$(DEMO_DIR)
+
+test: $(STAMP) ## the whole test suite (what CI runs)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP) ## the slow tests (learning checks, longer fault injection)
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+bench: $(STAMP) ## benchmarks; results in experiments/benchmarks/RESULTS.md
+	$(PY) -m experiments.benchmarks.run_all
+
+lint: $(STAMP) ## ruff
+	$(VENV)/bin/ruff check cervspine tests experiments
+	$(VENV)/bin/ruff format --check cervspine tests experiments
+
+format: $(STAMP) ## ruff format + fixes
+	$(VENV)/bin/ruff check --fix cervspine tests experiments
+	$(VENV)/bin/ruff format cervspine tests experiments
+
+clean: ## remove outputs and caches (keeps .venv)
+	rm -rf outputs multirun .pytest_cache .ruff_cache

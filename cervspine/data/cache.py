@@ -1,0 +1,271 @@
+"""The preprocessed cache: one folder per study, built once, read by the DataModules.
+
+Layout of ``<cache_dir>/<uid>/``:
+
+- ``volume.npy``  int16 HU (Z, H, W), superior first, in-plane resized to ``image_size`` (memory-mappable)
+- ``seg.npy``     uint8 labels (Z, H, W) aligned with the volume (only when a segmentation exists)
+- ``meta.json``   geometry, DICOM metadata, per-slice vertebra fractions and spine boxes, the fingerprint
+
+An entry is written into a temporary sibling folder and renamed into place, so a reader never sees a
+half-written entry; ``meta.json`` is written last and its fingerprint (source files + parameters + cache
+version) decides whether an existing entry is current.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from cervspine import VERTEBRAE
+
+CACHE_VERSION = 1
+HU_MIN, HU_MAX = -1024, 3071
+N_VERT = len(VERTEBRAE)
+
+
+@dataclass(frozen=True)
+class CacheParams:
+    """What the cache content depends on besides the source files."""
+
+    image_size: int | None = 256  # in-plane size after resizing; None keeps the original matrix
+    segmentation_method: str = "auto"
+
+    def key(self) -> dict[str, Any]:
+        return {**asdict(self), "version": CACHE_VERSION}
+
+
+def source_fingerprint(study_dir: Path, seg_path: Path | None, params: CacheParams) -> str:
+    """A hash of the source files' names, sizes and mtimes plus the cache parameters."""
+    h = hashlib.sha1(json.dumps(params.key(), sort_keys=True).encode())
+    files = sorted(p for p in Path(study_dir).iterdir() if p.is_file())
+    if seg_path is not None:
+        files.append(Path(seg_path))
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def resize_stack(stack: np.ndarray, size: int | None, *, nearest: bool = False) -> np.ndarray:
+    """Resize (Z, H, W) in-plane to (Z, size, size); area interpolation, nearest for label maps."""
+    if size is None or stack.shape[1:] == (size, size):
+        return stack
+    interp = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA
+    out = np.empty((stack.shape[0], size, size), dtype=stack.dtype)
+    for z in range(stack.shape[0]):
+        sl = stack[z] if nearest else stack[z].astype(np.float32)
+        r = cv2.resize(sl, (size, size), interpolation=interp)
+        out[z] = np.rint(r).astype(stack.dtype) if not nearest else r
+    return out
+
+
+def vertebra_areas(seg: np.ndarray) -> np.ndarray:
+    """(Z, 7) pixel count of C1..C7 on each slice (at the segmentation's own resolution)."""
+    counts = np.zeros((seg.shape[0], N_VERT), dtype=np.int64)
+    for z in range(seg.shape[0]):
+        counts[z] = np.bincount(seg[z].ravel(), minlength=N_VERT + 1)[1 : N_VERT + 1]
+    return counts
+
+
+def area_fractions(areas: np.ndarray) -> np.ndarray:
+    """Areas → fraction of each vertebra's largest cross-section (0 where the vertebra never shows)."""
+    areas = np.asarray(areas, dtype=np.float64)
+    peak = areas.max(axis=0, keepdims=True)
+    return np.divide(areas, peak, out=np.zeros_like(areas), where=peak > 0).astype(np.float32)
+
+
+def spine_boxes(seg: np.ndarray) -> np.ndarray:
+    """(Z, 4) normalised (y0, x0, y1, x1) box of the cervical labels 1..7 per slice; NaN where absent."""
+    z, h, w = seg.shape
+    boxes = np.full((z, 4), np.nan, dtype=np.float32)
+    cerv = (seg >= 1) & (seg <= N_VERT)
+    rows, cols = cerv.any(axis=2), cerv.any(axis=1)
+    for i in np.flatnonzero(rows.any(axis=1)):
+        ys, xs = np.flatnonzero(rows[i]), np.flatnonzero(cols[i])
+        boxes[i] = (ys[0] / h, xs[0] / w, (ys[-1] + 1) / h, (xs[-1] + 1) / w)
+    return boxes
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, np.ascontiguousarray(arr))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def cached_volume(study, params: CacheParams) -> np.ndarray:
+    """The cache's form of a study volume: int16 HU clipped to [-1024, 3071], resized in-plane."""
+    volume = np.clip(study.volume, HU_MIN, HU_MAX).astype(np.int16, copy=False)
+    return resize_stack(volume, params.image_size)
+
+
+def study_meta(study, params: CacheParams, *, uid: str, split: str, shape: tuple[int, ...]) -> dict[str, Any]:
+    """The geometry and metadata part of an entry's meta.json (also used for in-memory studies)."""
+    z, h, w = study.volume.shape
+    return {
+        "uid": uid,
+        "split": split,
+        "source": str(study.folder),
+        "original_shape": [z, h, w],
+        "shape": list(shape),
+        "spacing": list(study.spacing),
+        "spacing_cached": [
+            study.spacing[0],
+            study.spacing[1] * h / shape[1],
+            study.spacing[2] * w / shape[2],
+        ],
+        "z_positions": np.asarray(study.z_positions).tolist(),
+        "instance_numbers": np.asarray(study.instance_numbers).astype(int).tolist(),
+        "stored_reversed": bool(study.stored_reversed),
+        "metadata": _jsonable(study.metadata),
+        "params": params.key(),
+        "has_segmentation": False,
+    }
+
+
+def build_entry(
+    uid: str,
+    study_dir: Path,
+    seg_path: Path | None,
+    cache_dir: Path,
+    params: CacheParams,
+    split: str,
+) -> Path:
+    """Read one study (and its segmentation) and write its cache entry atomically."""
+    from cervspine.io import load_segmentation, load_study
+
+    cache_dir = Path(cache_dir)
+    fingerprint = source_fingerprint(study_dir, seg_path, params)
+    study = load_study(study_dir)
+    tmp = cache_dir / f".tmp-{uid}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        volume = cached_volume(study, params)
+        meta = study_meta(study, params, uid=uid, split=split, shape=volume.shape)
+        meta["fingerprint"] = fingerprint
+        _save_npy(tmp / "volume.npy", volume)
+        del volume
+        if seg_path is not None:
+            seg = load_segmentation(seg_path, study, method=params.segmentation_method)
+            meta["has_segmentation"] = True
+            meta["vertebra_area"] = vertebra_areas(seg).tolist()
+            meta["spine_box"] = _nan_to_none(spine_boxes(seg))
+            _save_npy(tmp / "seg.npy", resize_stack(seg, params.image_size, nearest=True))
+        with open(tmp / "meta.json", "w") as f:
+            json.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        final = cache_dir / uid
+        if final.exists():
+            stale = cache_dir / f".stale-{uid}-{os.getpid()}"
+            final.rename(stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cache_dir / uid
+
+
+def _nan_to_none(a: np.ndarray) -> list:
+    return [[None if np.isnan(v) else round(float(v), 5) for v in row] for row in a]
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, np.generic):
+            v = v.item()
+        elif isinstance(v, (list, tuple)):
+            v = [x.item() if isinstance(x, np.generic) else str(x) if isinstance(x, Path) else x for x in v]
+        elif isinstance(v, Path) or v is not None and not isinstance(v, (str, int, float, bool)):
+            v = str(v)
+        out[k] = v
+    return out
+
+
+def entry_is_current(entry: Path, fingerprint: str) -> bool:
+    """True when a complete entry with this fingerprint exists."""
+    meta = entry / "meta.json"
+    if not (meta.is_file() and (entry / "volume.npy").is_file()):
+        return False
+    try:
+        return json.loads(meta.read_text()).get("fingerprint") == fingerprint
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+class CachedStudy:
+    """Read access to one cache entry; the volume is memory-mapped, so slices load without the study."""
+
+    def __init__(self, entry: Path):
+        self.entry = Path(entry)
+        meta_path = self.entry / "meta.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(
+                f"{self.entry}: not a complete cache entry (no meta.json); run preprocess"
+            )
+        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+
+    @property
+    def uid(self) -> str:
+        return self.meta["uid"]
+
+    @property
+    def num_slices(self) -> int:
+        return int(self.meta["shape"][0])
+
+    @cached_property
+    def volume(self) -> np.ndarray:
+        return np.load(self.entry / "volume.npy", mmap_mode="r")
+
+    @cached_property
+    def seg(self) -> np.ndarray | None:
+        p = self.entry / "seg.npy"
+        return np.load(p, mmap_mode="r") if p.is_file() else None
+
+    @cached_property
+    def vertebra_area(self) -> np.ndarray | None:
+        """(Z, 7) pixel counts of C1..C7 per slice, from the segmentation (None without one)."""
+        v = self.meta.get("vertebra_area")
+        return None if v is None else np.asarray(v, dtype=np.int64)
+
+    def vertebra_presence(self, threshold: float, unit: str = "fraction") -> np.ndarray | None:
+        """(Z, 7) float {0,1}: vertebra present where its area passes ``threshold`` (fraction or pixels)."""
+        if self.vertebra_area is None:
+            return None
+        if unit == "fraction":
+            return (area_fractions(self.vertebra_area) >= threshold).astype(np.float32)
+        if unit == "pixels":
+            return (self.vertebra_area >= threshold).astype(np.float32)
+        raise ValueError(f"presence unit must be 'fraction' or 'pixels', got {unit!r}")
+
+    @cached_property
+    def spine_box(self) -> np.ndarray | None:
+        v = self.meta.get("spine_box")
+        return None if v is None else np.array(v, dtype=np.float32)
+
+    def slices(self, indices: np.ndarray | list[int]) -> np.ndarray:
+        """HU int16 (len(indices), H, W); indices are clamped to the study (2.5D edges repeat)."""
+        idx = np.clip(np.asarray(indices), 0, self.num_slices - 1)
+        return np.asarray(self.volume[idx])
+
+
+class InMemoryStudy(CachedStudy):
+    """A study read straight from DICOM into the cache's form, without writing it (single-study use)."""
+
+    def __init__(self, study, params: CacheParams, split: str = "test"):
+        self.entry = Path(study.folder)
+        vol = cached_volume(study, params)
+        self.meta = study_meta(study, params, uid=study.uid, split=split, shape=vol.shape)
+        self.__dict__["volume"] = vol
+        self.__dict__["seg"] = None

@@ -1,0 +1,61 @@
+"""CT windows, 2.5D stacking and augmentation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+
+# (low, high) HU. Bone window L=400 W=1800; soft tissue L=40 W=400; wide L=300 W=3000 (our names).
+WINDOWS = {"bone": (-500.0, 1300.0), "soft": (-160.0, 240.0), "wide": (-1200.0, 1800.0)}
+
+
+def resolve_windows(windows: Sequence[str | Sequence[float]]) -> list[tuple[float, float]]:
+    """Window names or explicit (low, high) pairs → (low, high) pairs."""
+    out = []
+    for w in windows:
+        if isinstance(w, str):
+            if w not in WINDOWS:
+                raise ValueError(f"unknown CT window {w!r}; known: {sorted(WINDOWS)} or a [low, high] pair")
+            out.append(WINDOWS[w])
+        else:
+            low, high = (float(x) for x in w)
+            if high <= low:
+                raise ValueError(f"window {w!r}: high must exceed low")
+            out.append((low, high))
+    return out
+
+
+def context_offsets(context: int, stride: int) -> np.ndarray:
+    """Slice offsets of a 2.5D stack: ``context`` neighbours each side, ``stride`` slices apart."""
+    return np.arange(-context, context + 1) * stride
+
+
+def window_stack(hu: np.ndarray, windows: Sequence[tuple[float, float]]) -> np.ndarray:
+    """(K, H, W) HU → (H, W, K·len(windows)) float32 in [0, 1], window-major channel order."""
+    hu = hu.astype(np.float32, copy=False)
+    chans = [np.clip((hu - lo) / (hi - lo), 0.0, 1.0) for lo, hi in windows]
+    return np.ascontiguousarray(np.concatenate(chans, axis=0).transpose(1, 2, 0))
+
+
+def resize_hwc(img: np.ndarray, size: int) -> np.ndarray:
+    """Resize (H, W, C) to (size, size, C) keeping the channel axis for any C."""
+    if img.shape[:2] == (size, size):
+        return img
+    interp = cv2.INTER_AREA if img.shape[0] > size else cv2.INTER_LINEAR
+    chans = [cv2.resize(img[..., c], (size, size), interpolation=interp) for c in range(img.shape[2])]
+    return np.stack(chans, axis=-1)
+
+
+def build_augment(
+    transforms: Sequence[A.BasicTransform] | None, *, with_boxes: bool = False
+) -> A.Compose | None:
+    """Compose already-instantiated albumentations transforms (from the data config)."""
+    if not transforms:
+        return None
+    bbox = (
+        A.BboxParams(format="albumentations", label_fields=["box_labels"], clip=True) if with_boxes else None
+    )
+    return A.Compose(list(transforms), bbox_params=bbox)

@@ -1,0 +1,207 @@
+"""Both stages on one study at a time: load → stage 1 → spine crops → stage 2 → aggregation.
+
+Each study's volume is windowed once and shared by its slices' 2.5D stacks (no work is repeated per
+slice); batches run under ``torch.inference_mode`` and bf16 autocast where the device has it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cervspine import TARGETS, VERTEBRAE
+from cervspine.data.cache import CachedStudy
+from cervspine.data.metadata import slice_features, study_features
+from cervspine.data.spine import crop_pixels, crop_track
+from cervspine.data.stage1_table import BOX_COLS, COLUMNS, VIS_COLS
+from cervspine.data.transforms import context_offsets, resize_hwc, resolve_windows
+from cervspine.models.fracture import FractureClassifier, aggregate_slices
+from cervspine.models.vertebrae import VertebraeDetector
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _autocast(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def load_stage(ckpt_path: str | Path, cls: type, device: torch.device):
+    """(module in eval mode on ``device``, the data hyper-parameters it was trained with)."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    hp = dict(ckpt["hyper_parameters"])
+    backbone = {**hp["backbone"], "pretrained": False, "weights_path": None}  # weights come from the ckpt
+    model = cls.load_from_checkpoint(
+        ckpt_path, map_location="cpu", backbone=backbone, compile=False, weights_only=False
+    )
+    data_hp = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    if not data_hp:
+        raise ValueError(
+            f"{ckpt_path}: checkpoint has no datamodule hyper-parameters (not made by cervspine.train)"
+        )
+    return model.eval().to(device), data_hp
+
+
+@dataclass
+class StageData:
+    """How a stage's inputs are built (taken from its checkpoint)."""
+
+    offsets: np.ndarray
+    windows: list[tuple[float, float]]
+    input_size: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_hparams(cls, hp: dict[str, Any]) -> StageData:
+        return cls(
+            context_offsets(int(hp.get("context", 1)), int(hp.get("stride", 1))),
+            resolve_windows(list(hp.get("windows", ["bone"]))),
+            int(hp["input_size"]),
+            hp,
+        )
+
+
+def windowed_volume(volume: np.ndarray, windows: list[tuple[float, float]]) -> np.ndarray:
+    """(Z, H, W) HU → (Z, nW, H, W) float32 in [0, 1], computed once per study."""
+    vol = np.asarray(volume, dtype=np.float32)
+    out = np.empty((vol.shape[0], len(windows), *vol.shape[1:]), dtype=np.float32)
+    for i, (lo, hi) in enumerate(windows):
+        np.clip((vol - lo) / (hi - lo), 0.0, 1.0, out=out[:, i])
+    return out
+
+
+def stack_channels(win: torch.Tensor, z: np.ndarray, offsets: np.ndarray) -> torch.Tensor:
+    """(Z, nW, S, S) → (B, nW·K, S, S) 2.5D stacks, window-major like :func:`window_stack`."""
+    idx = np.clip(z[:, None] + offsets[None, :], 0, win.shape[0] - 1)
+    x = win[torch.as_tensor(idx)]  # (B, K, nW, S, S)
+    return x.transpose(1, 2).reshape(len(z), -1, *win.shape[2:])
+
+
+@dataclass
+class StudyPrediction:
+    uid: str
+    probabilities: np.ndarray  # (8,) C1..C7, patient_overall
+    slice_table: pd.DataFrame  # per-slice stage-1 output (the stage-1 table's schema)
+    fracture_slices: np.ndarray  # slice indices scored by stage 2
+    fracture_probs: np.ndarray  # (n, 7) per-slice fracture probabilities
+    timings: dict[str, float]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "StudyInstanceUID": self.uid,
+            **{t: float(p) for t, p in zip(TARGETS, self.probabilities)},
+            "timings_s": self.timings,
+        }
+
+
+class Predictor:
+    """The two trained stages, ready to score studies."""
+
+    def __init__(
+        self,
+        stage1_ckpt: str | Path,
+        stage2_ckpt: str | Path,
+        *,
+        device: str = "auto",
+        batch_size: int = 64,
+        precision: str = "auto",
+        aggregation: dict[str, Any] | None = None,
+    ):
+        self.device = pick_device(device)
+        self.batch_size, self.precision = int(batch_size), precision
+        self.stage1, hp1 = load_stage(stage1_ckpt, VertebraeDetector, self.device)
+        self.stage2, hp2 = load_stage(stage2_ckpt, FractureClassifier, self.device)
+        self.data1, self.data2 = StageData.from_hparams(hp1), StageData.from_hparams(hp2)
+        self.aggregation = dict(aggregation or self.stage2.aggregation)
+
+    @torch.inference_mode()
+    def run_stage1(self, study: CachedStudy) -> tuple[np.ndarray, np.ndarray]:
+        """(visibility (Z, 7), spine boxes (Z, 4), NaN where no cervical level passes 0.5)."""
+        d = self.data1
+        win = windowed_volume(study.volume, d.windows)
+        if win.shape[2:] != (d.input_size, d.input_size):
+            win = np.stack([resize_hwc(w.transpose(1, 2, 0), d.input_size).transpose(2, 0, 1) for w in win])
+        win_t = torch.from_numpy(win)
+        vis, boxes = [], []
+        for start in range(0, study.num_slices, self.batch_size):
+            z = np.arange(start, min(start + self.batch_size, study.num_slices))
+            x = stack_channels(win_t, z, d.offsets).to(self.device)
+            with _autocast(self.device, self.precision):
+                logits, box = self.stage1(x)
+            vis.append(torch.sigmoid(logits.float()).cpu().numpy())
+            boxes.append(box.float().cpu().numpy())
+        vis_a, box_a = np.concatenate(vis), np.concatenate(boxes)
+        box_a[vis_a.max(axis=1) < 0.5] = np.nan
+        return vis_a, box_a
+
+    @torch.inference_mode()
+    def run_stage2(
+        self, study: CachedStudy, vis: np.ndarray, boxes: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(slice indices, (n, 7) fracture probabilities) for the slices that show a cervical level."""
+        d, hp = self.data2, self.data2.extra
+        z_all = np.flatnonzero(vis.max(axis=1) >= float(hp.get("visible_threshold", 0.5)))
+        if not len(z_all):
+            return z_all, np.zeros((0, len(VERTEBRAE)), dtype=np.float32)
+        crops = crop_track(
+            boxes, margin=float(hp.get("crop_margin", 0.25)), min_size=float(hp.get("min_crop", 0.15))
+        )
+        win = windowed_volume(study.volume, d.windows)  # (Z, nW, H, W)
+        sf = study_features(study.meta)
+        h, w = win.shape[2:]
+        probs = []
+        for start in range(0, len(z_all), self.batch_size):
+            zs = z_all[start : start + self.batch_size]
+            imgs, metas = [], []
+            for z in zs:
+                y0, x0, y1, x1 = crop_pixels(crops[z], h, w)
+                idx = np.clip(z + d.offsets, 0, study.num_slices - 1)
+                patch = win[idx][:, :, y0:y1, x0:x1]  # (K, nW, h', w')
+                hwc = patch.transpose(1, 0, 2, 3).reshape(-1, y1 - y0, x1 - x0).transpose(1, 2, 0)
+                imgs.append(resize_hwc(np.ascontiguousarray(hwc), d.input_size).transpose(2, 0, 1))
+                metas.append(np.concatenate([slice_features(int(z), study.num_slices, vis[z]), sf]))
+            x = torch.from_numpy(np.stack(imgs)).to(self.device)
+            m = torch.from_numpy(np.stack(metas).astype(np.float32)).to(self.device)
+            with _autocast(self.device, self.precision):
+                out = self.stage2(x, m)
+            probs.append(torch.sigmoid(out["fracture"].float()).cpu().numpy())
+        return z_all, np.concatenate(probs)
+
+    def predict(self, study: CachedStudy) -> StudyPrediction:
+        t = {}
+        t0 = time.perf_counter()
+        vis, boxes = self.run_stage1(study)
+        t["stage1"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        z, probs = self.run_stage2(study, vis, boxes)
+        t["stage2"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if len(z):
+            agg, _ = aggregate_slices(probs, vis[z], np.zeros(len(z)), z, **self.aggregation)
+            final = agg[0]
+        else:  # no cervical level found: the study cannot be scored
+            raise RuntimeError(f"{study.uid}: stage 1 found no cervical vertebra on any slice")
+        t["aggregate"] = time.perf_counter() - t0
+        return StudyPrediction(study.uid, final, stage1_frame(study, vis, boxes), z, probs, t)
+
+
+def stage1_frame(study: CachedStudy, vis: np.ndarray, boxes: np.ndarray) -> pd.DataFrame:
+    """One study's rows of the stage-1 table."""
+    df = pd.DataFrame(vis, columns=VIS_COLS)
+    df[BOX_COLS] = boxes
+    df.insert(0, "instance_number", np.asarray(study.meta["instance_numbers"], dtype=np.int64))
+    df.insert(0, "slice_index", np.arange(study.num_slices))
+    df.insert(0, "StudyInstanceUID", study.uid)
+    return df[COLUMNS]

@@ -1,0 +1,188 @@
+"""Stage 2: per-slice fracture classifier (timm image branch + metadata MLP), scored per study."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchmetrics import CatMetric
+
+from cervspine import TARGETS, VERTEBRAE
+from cervspine.aggregate import AGGREGATORS, aggregate_study
+from cervspine.metrics import classification_report
+from cervspine.models.backbones import create_backbone
+from cervspine.models.losses import competition_loss
+from cervspine.models.optim import OptimizedModule
+
+
+class MetadataFusion(nn.Module):
+    """Image features + metadata MLP, fused by concatenation or by gating the image features."""
+
+    def __init__(self, image_dim: int, meta_dim: int, hidden: int = 64, mode: str = "concat"):
+        super().__init__()
+        if mode not in ("concat", "gate"):
+            raise ValueError(f"fusion mode must be 'concat' or 'gate', got {mode!r}")
+        self.mode = mode
+        self.meta_mlp = nn.Sequential(
+            nn.Linear(meta_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU()
+        )
+        self.gate = nn.Linear(hidden, image_dim) if mode == "gate" else None
+        self.out_dim = image_dim + hidden
+
+    def forward(self, img: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        m = self.meta_mlp(meta)
+        if self.gate is not None:
+            img = img * torch.sigmoid(self.gate(m))
+        return torch.cat([img, m], dim=1)
+
+
+class FractureClassifier(OptimizedModule):
+    """7 per-slice vertebra fracture logits (+ an 'any fracture' logit, + an optional visibility head)."""
+
+    def __init__(
+        self,
+        backbone: dict[str, Any],
+        in_chans: int,
+        num_meta: int,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: dict[str, Any] | None = None,
+        fusion: str = "concat",
+        meta_hidden: int = 64,
+        use_metadata: bool = True,
+        dropout: float = 0.2,
+        overall_loss: bool = True,
+        aux_vertebra_weight: float = 0.0,
+        focal_gamma: float = 0.0,
+        aggregation: dict[str, Any] | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.backbone = create_backbone(in_chans=in_chans, **backbone)
+        self.use_metadata = use_metadata
+        width = self.backbone.num_features
+        self.fusion = MetadataFusion(width, num_meta, meta_hidden, fusion) if use_metadata else None
+        feat_dim = self.fusion.out_dim if use_metadata else width
+        self.dropout = nn.Dropout(dropout)
+        self.fracture_head = nn.Linear(feat_dim, len(VERTEBRAE))
+        self.overall_head = nn.Linear(feat_dim, 1) if overall_loss else None
+        self.vertebra_head = nn.Linear(feat_dim, len(VERTEBRAE)) if aux_vertebra_weight > 0 else None
+        self.aux_vertebra_weight, self.focal_gamma = aux_vertebra_weight, focal_gamma
+        self.aggregation = dict(aggregation or {"method": "topk_mean", "overall": "noisy_or"})
+        self.optimizer_factory, self.scheduler_cfg = optimizer, scheduler
+        self.channels_last = channels_last
+        if compile:
+            self.backbone = torch.compile(self.backbone)
+        self.val_probs, self.val_vis = CatMetric(), CatMetric()
+        self.val_study, self.val_slice = CatMetric(), CatMetric()
+
+    def forward(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if self.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        feats = self.backbone(image)
+        if self.fusion is not None:
+            feats = self.fusion(feats, meta)
+        feats = self.dropout(feats)
+        out = {"fracture": self.fracture_head(feats)}
+        if self.overall_head is not None:
+            out["overall"] = self.overall_head(feats).squeeze(1)
+        if self.vertebra_head is not None:
+            out["vertebra"] = self.vertebra_head(feats)
+        return out
+
+    def _loss(self, batch: dict, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = competition_loss(
+            out["fracture"], batch["target"], batch.get("weight"), out.get("overall"), self.focal_gamma
+        )
+        if "vertebra" in out and "visibility" in batch:
+            vis_t = (batch["visibility"] >= 0.5).float()
+            loss = loss + self.aux_vertebra_weight * F.binary_cross_entropy_with_logits(
+                out["vertebra"], vis_t
+            )
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch, self(batch["image"], batch.get("meta")))
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = self(batch["image"], batch.get("meta"))
+        bs = batch["image"].shape[0]
+        self.log("val/loss", self._loss(batch, out), batch_size=bs, sync_dist=True)
+        self.val_probs.update(torch.sigmoid(out["fracture"].float()))
+        self.val_vis.update(batch["visibility"].float())
+        self.val_study.update(batch["study_idx"].float())
+        self.val_slice.update(batch["slice_index"].float())
+
+    def on_validation_epoch_end(self) -> None:
+        probs, vis = self.val_probs.compute(), self.val_vis.compute()
+        study, sl = self.val_study.compute(), self.val_slice.compute()
+        for m in (self.val_probs, self.val_vis, self.val_study, self.val_slice):
+            m.reset()
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or not len(study) or self.trainer.sanity_checking:
+            return
+        preds, seen = aggregate_slices(probs, vis, study, sl, **self.aggregation)
+        y = dm.labels([dm.val_uids[i] for i in seen])
+        report = classification_report(y, preds)
+        logged = {"val/rsna_score": report["rsna_score"]}
+        for t in TARGETS:
+            for k in ("auroc", "f1", "accuracy"):
+                v = report[t][k]
+                if np.isfinite(v):
+                    logged[f"val/{k}_{t}"] = v
+        for k in ("auroc", "f1", "accuracy", "precision", "recall"):
+            v = report["macro"][k]
+            if np.isfinite(v):
+                logged[f"val/{k}_macro"] = v
+        self.log_dict({k: float(v) for k, v in logged.items()}, rank_zero_only=True)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        out = self(batch["image"], batch.get("meta"))
+        return {
+            "fracture": torch.sigmoid(out["fracture"].float()),
+            "visibility": batch["visibility"],
+            "study_idx": batch["study_idx"],
+            "slice_index": batch["slice_index"],
+        }
+
+
+def aggregate_slices(
+    probs: torch.Tensor | np.ndarray,
+    vis: torch.Tensor | np.ndarray,
+    study_idx: torch.Tensor | np.ndarray,
+    slice_index: torch.Tensor | np.ndarray,
+    **aggregation: Any,
+) -> tuple[np.ndarray, list[int]]:
+    """Per-slice outputs (any order, duplicates from DDP padding allowed) → (n_studies, 8), study ids.
+
+    ``aggregation`` holds ``method``, ``overall`` and options; options the chosen method does not take
+    (e.g. ``k`` for ``visibility_mean``) are left out, so one config serves every method.
+    """
+    aggregation = method_options(aggregation)
+    probs, vis = np.asarray(probs, dtype=np.float64), np.asarray(vis, dtype=np.float64)
+    study_idx, slice_index = np.asarray(study_idx).astype(int), np.asarray(slice_index).astype(int)
+    seen = sorted(set(study_idx.tolist()))
+    rows = []
+    for s in seen:
+        m = study_idx == s
+        _, first = np.unique(slice_index[m], return_index=True)  # drop DDP duplicates, order by slice
+        rows.append(aggregate_study(probs[m][first], vis[m][first], **aggregation))
+    return np.stack(rows), seen
+
+
+def method_options(aggregation: dict[str, Any]) -> dict[str, Any]:
+    """Keep ``method``/``overall``/``eps`` and the options the chosen aggregator accepts."""
+    method = aggregation.get("method", "topk_mean")
+    if method not in AGGREGATORS:
+        raise ValueError(f"unknown aggregation method {method!r}; known: {sorted(AGGREGATORS)}")
+    accepted = inspect.signature(AGGREGATORS[method]).parameters
+    keep = {"method", "overall", "eps"}
+    return {k: v for k, v in aggregation.items() if k in keep or k in accepted}

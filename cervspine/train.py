@@ -1,0 +1,142 @@
+"""``python -m cervspine.train experiment=NAME [overrides]``: fit one model, return the optimized metric."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+import cervspine.config  # noqa: F401  (registers resolvers)
+from cervspine.ddp import patch_lightning_hydra_ddp
+from cervspine.runinfo import save_run_info, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+def _output_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.output_dir)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """``last`` → ``<run dir>/checkpoints/last.ckpt`` (None, with a warning, when it does not exist yet)."""
+    if ckpt_path in (None, "", "null"):
+        return None
+    if ckpt_path == "last":
+        p = output_dir / "checkpoints" / "last.ckpt"
+        if not p.is_file():
+            log.warning("ckpt_path=last but %s does not exist: starting from scratch", p)
+            return None
+        return str(p)
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path: no checkpoint at {ckpt_path}")
+    return str(ckpt_path)
+
+
+def _instantiate_group(group: DictConfig | None) -> list[Any]:
+    if not group:
+        return []
+    return [instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def _prepare_wandb(cfg: DictConfig, output_dir: Path, resuming: bool) -> None:
+    """Reuse the run's W&B id on resume so the dashboard shows one continuous run."""
+    wb = cfg.get("logger", {}).get("wandb") if cfg.get("logger") else None
+    if wb is None:
+        return
+    info = output_dir / "run_info.json"
+    with open_dict(cfg):
+        if resuming and info.is_file() and not wb.get("id"):
+            run_id = json.loads(info.read_text()).get("wandb_run_id")
+            if run_id:
+                wb.id = run_id
+                wb.resume = "allow"
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Fit ``cfg.model`` on ``cfg.data``; returns (metrics, objects). Tests call this directly."""
+    patch_lightning_hydra_ddp()
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    output_dir = _output_dir(cfg)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    _prepare_wandb(cfg, output_dir, resuming=ckpt_path is not None)
+
+    datamodule: L.LightningDataModule = instantiate(cfg.data)
+    model: L.LightningModule = instantiate(cfg.model)
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    loggers = _instantiate_group(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    extra = {}
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger":
+            extra["wandb_run_id"] = lg.version
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    if trainer.is_global_zero:
+        save_run_info(cfg, output_dir, extra=extra, print_config=cfg.get("print_config", True))
+
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        _close_loggers(loggers)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    ckpt_cb = trainer.checkpoint_callback
+    objects = {"trainer": trainer, "model": model, "datamodule": datamodule}
+    if ckpt_cb is not None and trainer.is_global_zero:
+        best = getattr(ckpt_cb, "best_model_score", None)
+        summary = {
+            "best_model_path": getattr(ckpt_cb, "best_model_path", None),
+            "best_score": None if best is None else float(best),
+            "last_model_path": getattr(ckpt_cb, "last_model_path", None),
+            "monitor": cfg.get("optimized_metric"),
+            "global_step": trainer.global_step,
+            "metrics": metrics,
+        }
+        write_json_atomic(output_dir / "train_summary.json", summary)
+        objects["summary"] = summary
+        if best is not None:
+            metrics[f"{cfg.optimized_metric}_best"] = float(best)
+    return metrics, objects
+
+
+def _close_loggers(loggers: list[Any]) -> None:
+    """Finish W&B runs even on error, so the next job of a multirun starts cleanly."""
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger":
+            try:
+                import wandb
+
+                if wandb.run is not None:
+                    wandb.finish()
+            except Exception as e:  # closing must never hide the real error
+                log.warning("wandb.finish failed: %s", e)
+
+
+def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """The value a sweeper optimizes: the best checkpoint's score when there is one."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    value = metrics.get(f"{name}_best", metrics.get(name))
+    return None if value is None or math.isnan(value) else float(value)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics, _ = train(cfg)
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return None
+    return optimized_value(cfg, metrics)
+
+
+if __name__ == "__main__":
+    main()
