@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP) ## create .venv and install cervspine with its test extras
 
-demo: $(STAMP) ## synthesize an RSNA-format folder, then run the whole pipeline on it
-	$(PY) -m cervspine.demo out=$(DEMO_DIR)
+DEMO_SYNTH ?= n_train=40 n_test=8 size=128 seed=0 workers=2
+DEMO_ARGS ?=
+
+demo: $(STAMP) ## synthesize an RSNA-format folder (once), then run the whole pipeline on it
+	@test -f $(DEMO_DIR)/synthetic_manifest.csv || $(PY) -m cervspine.synthesize out=$(DEMO_DIR) $(DEMO_SYNTH)
+	WANDB_MODE=offline $(PY) -m cervspine.pipeline data.root=$(DEMO_DIR) experiment=demo $(DEMO_ARGS)
 
 test: $(STAMP) ## the whole test suite (what CI runs)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

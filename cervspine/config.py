@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from omegaconf import OmegaConf
 
 
@@ -15,8 +18,23 @@ def _num_meta() -> int:
     return NUM_FEATURES
 
 
+def _wandb_offline() -> bool:
+    """Offline unless the user has a W&B login (API key in the environment or ~/.netrc) or forces online."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "disabled", "dryrun"):
+        return True
+    if mode == "online" or os.environ.get("WANDB_API_KEY"):
+        return False
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" not in netrc.read_text()
+    except OSError:
+        return True
+
+
 def register_resolvers() -> None:
-    for name, fn in {"cs.in_chans": _in_chans, "cs.num_meta": _num_meta}.items():
+    resolvers = {"cs.in_chans": _in_chans, "cs.num_meta": _num_meta, "cs.wandb_offline": _wandb_offline}
+    for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

@@ -122,9 +122,17 @@ class Predictor:
         self.device = pick_device(device)
         self.batch_size, self.precision = int(batch_size), precision
         self.stage1, hp1 = load_stage(stage1_ckpt, VertebraeDetector, self.device)
-        self.stage2, hp2 = load_stage(stage2_ckpt, FractureClassifier, self.device)
-        self.data1, self.data2 = StageData.from_hparams(hp1), StageData.from_hparams(hp2)
-        self.aggregation = dict(aggregation or self.stage2.aggregation)
+        self.data1 = StageData.from_hparams(hp1)
+        self.stage2 = self.data2 = None
+        if stage2_ckpt is not None:  # stage-1 inference alone needs no stage 2
+            self.stage2, hp2 = load_stage(stage2_ckpt, FractureClassifier, self.device)
+            self.data2 = StageData.from_hparams(hp2)
+            if hp2.get("image_size") != hp1.get("image_size"):
+                raise ValueError(
+                    f"stage 1 ({stage1_ckpt}) and stage 2 ({stage2_ckpt}) were trained on caches "
+                    f"of different image_size: {hp1.get('image_size')} vs {hp2.get('image_size')}"
+                )
+        self.aggregation = dict(aggregation or (self.stage2.aggregation if self.stage2 else {}))
 
     @torch.inference_mode()
     def run_stage1(self, study: CachedStudy) -> tuple[np.ndarray, np.ndarray]:
