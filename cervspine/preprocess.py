@@ -76,8 +76,8 @@ def preprocess(
     cache_dir.mkdir(parents=True, exist_ok=True)
     i, n = _parse_shard(shard)
     if n == 1:  # leftovers of a killed run; with shards another node may be writing
-        for tmp in cache_dir.glob(".tmp-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in [*cache_dir.glob(".tmp-*"), *cache_dir.glob(".stale-*")]:
+            shutil.rmtree(leftover, ignore_errors=True)
     jobs = sorted(list_jobs(index, splits), key=lambda j: j.uid)[i::n]
     report = PreprocessReport()
     todo = []
