@@ -11,6 +11,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import pandas as pd
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -83,29 +84,56 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if trainer.is_global_zero:
         save_run_info(cfg, output_dir, extra=extra, print_config=cfg.get("print_config", True))
 
+    objects: dict[str, Any] = {"trainer": trainer, "model": model, "datamodule": datamodule}
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        ckpt_cb = trainer.checkpoint_callback
+        best_path = getattr(ckpt_cb, "best_model_path", None) if ckpt_cb is not None else None
+        write_oof_predictions(trainer, model, datamodule, output_dir, best_path)  # every rank validates
+        if ckpt_cb is not None and trainer.is_global_zero:
+            best = getattr(ckpt_cb, "best_model_score", None)
+            summary = {
+                "best_model_path": best_path,
+                "best_score": None if best is None else float(best),
+                "last_model_path": getattr(ckpt_cb, "last_model_path", None),
+                "monitor": cfg.get("optimized_metric"),
+                "global_step": trainer.global_step,
+                "metrics": metrics,
+            }
+            write_json_atomic(output_dir / "train_summary.json", summary)
+            objects["summary"] = summary
+            if best is not None:
+                metrics[f"{cfg.optimized_metric}_best"] = float(best)
     finally:
         _close_loggers(loggers)
-
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    ckpt_cb = trainer.checkpoint_callback
-    objects = {"trainer": trainer, "model": model, "datamodule": datamodule}
-    if ckpt_cb is not None and trainer.is_global_zero:
-        best = getattr(ckpt_cb, "best_model_score", None)
-        summary = {
-            "best_model_path": getattr(ckpt_cb, "best_model_path", None),
-            "best_score": None if best is None else float(best),
-            "last_model_path": getattr(ckpt_cb, "last_model_path", None),
-            "monitor": cfg.get("optimized_metric"),
-            "global_step": trainer.global_step,
-            "metrics": metrics,
-        }
-        write_json_atomic(output_dir / "train_summary.json", summary)
-        objects["summary"] = summary
-        if best is not None:
-            metrics[f"{cfg.optimized_metric}_best"] = float(best)
     return metrics, objects
+
+
+def write_oof_predictions(
+    trainer: L.Trainer,
+    model: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    output_dir: Path,
+    best_path: str | None,
+) -> None:
+    """Validation-fold study predictions of the best checkpoint → ``oof_predictions.csv`` (for k-fold CV)."""
+    if not hasattr(model, "last_val_predictions") or trainer.fast_dev_run:
+        return
+    if best_path and Path(best_path).is_file():
+        trainer.validate(model, datamodule=datamodule, ckpt_path=best_path, verbose=False)
+    if model.last_val_predictions is None or not trainer.is_global_zero:
+        return
+    from cervspine import TARGETS
+    from cervspine.io.rsna import write_csv_atomic
+
+    uids, preds, labels = model.last_val_predictions
+    table = pd.DataFrame(preds, columns=list(TARGETS))
+    table.insert(0, "StudyInstanceUID", uids)
+    table.insert(1, "fold", getattr(datamodule, "fold", -1))
+    for i, t in enumerate(TARGETS):
+        table[f"label_{t}"] = labels[:, i].astype(int)
+    write_csv_atomic(table, output_dir / "oof_predictions.csv")
 
 
 def _close_loggers(loggers: list[Any]) -> None:

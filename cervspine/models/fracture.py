@@ -81,6 +81,7 @@ class FractureClassifier(OptimizedModule):
             self.backbone = torch.compile(self.backbone)
         self.val_probs, self.val_vis = CatMetric(), CatMetric()
         self.val_study, self.val_slice = CatMetric(), CatMetric()
+        self.last_val_predictions: tuple[list[str], np.ndarray, np.ndarray] | None = None
 
     def forward(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if self.channels_last:
@@ -130,7 +131,9 @@ class FractureClassifier(OptimizedModule):
         if dm is None or not len(study) or self.trainer.sanity_checking:
             return
         preds, seen = aggregate_slices(probs, vis, study, sl, **self.aggregation)
-        y = dm.labels([dm.val_uids[i] for i in seen])
+        uids = [dm.val_uids[i] for i in seen]
+        y = dm.labels(uids)
+        self.last_val_predictions = (uids, preds, y)
         report = classification_report(y, preds)
         logged = {"val/rsna_score": report["rsna_score"]}
         for t in TARGETS:

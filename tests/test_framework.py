@@ -1,0 +1,104 @@
+"""The experiment framework through the real entry points: DDP under Hydra, Optuna, W&B offline, k-fold."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cervspine.train import train
+from tests.conftest import TINY_DATA, TINY_STAGE2, hydra_config
+
+SHORT = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2"]
+
+
+def _fracture(tiny_root: Path) -> list[str]:
+    return ["experiment=fracture_demo", f"data.root={tiny_root}", *TINY_DATA, *TINY_STAGE2, "print_config=false"]
+
+
+def _run(args: list[str], tmp_path: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "cervspine.train", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_ddp_two_cpu_processes_make_exactly_one_run_folder(tiny_root, tmp_path):
+    logs = tmp_path / "logs"
+    _run([*_fracture(tiny_root), *SHORT, "trainer=ddp_cpu", f"paths.log_dir={logs}",
+          f"hydra.run.dir={logs}/run"], tmp_path)
+    assert [p.name for p in logs.iterdir()] == ["run"]
+    summary = json.loads((logs / "run" / "train_summary.json").read_text())
+    assert summary["global_step"] == 2 and Path(summary["best_model_path"]).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs"]  # nothing stray in the working dir
+
+
+def test_ddp_inside_a_multirun_stays_in_its_job_folder(tiny_root, tmp_path):
+    logs, sweep = tmp_path / "logs", tmp_path / "sweep"
+    _run(["-m", *_fracture(tiny_root), *SHORT, "trainer=ddp_cpu", "data.fold=0,1", f"paths.log_dir={logs}",
+          f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert sorted(p.name for p in sweep.iterdir() if not p.name.startswith(".")) == ["0", "1"]
+    for job in ("0", "1"):
+        assert (sweep / job / "train_summary.json").is_file()
+    assert not logs.exists() or not any(logs.iterdir())  # no stray timestamped run folders
+
+
+def test_optuna_sweep_runs_trials_and_resumes_from_sqlite(tiny_root, tmp_path):
+    import optuna
+
+    db = tmp_path / "optuna.db"
+    common = ["-m", *_fracture(tiny_root), *SHORT, "hparams_search=fracture_optuna",
+              f"hydra.sweeper.storage=sqlite:///{db}", "hydra.sweeper.study_name=t", f"hydra.sweep.dir={tmp_path}/s"]
+    _run([*common, "hydra.sweeper.n_trials=2"], tmp_path)
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{db}")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 2 and all(0 < t.value < 10 for t in done)
+    _run([*common, "hydra.sweeper.n_trials=1", f"hydra.sweep.dir={tmp_path}/s2"], tmp_path)
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{db}")
+    assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 3
+
+
+def test_wandb_offline_run_and_resume_keep_one_run_id(tiny_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    with hydra_config("train", [*_fracture(tiny_root), *SHORT, "logger=wandb"], tmp_path) as cfg:
+        assert cfg.logger.wandb.offline is True
+        train(cfg)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+    run_id = json.loads((tmp_path / "run_info.json").read_text())["wandb_run_id"]
+    assert runs[0].name.endswith(run_id)
+    resume = [*_fracture(tiny_root), "trainer.max_epochs=2", "+trainer.limit_train_batches=2",
+              "+trainer.limit_val_batches=2", "logger=wandb", "ckpt_path=last"]
+    with hydra_config("train", resume, tmp_path) as cfg:
+        train(cfg)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)  # the same W&B run, resumed
+
+
+def test_kfold_out_of_fold_predictions_gather_into_a_cv_score(tiny_root, tmp_path):
+    from cervspine.cv import cross_validate
+
+    for fold in range(3):
+        with hydra_config("train", [*_fracture(tiny_root), *SHORT, f"data.fold={fold}"], tmp_path / str(fold)) as cfg:
+            train(cfg)
+    out = cross_validate(tmp_path)
+    labels = pd.read_csv(tiny_root / "train.csv", dtype={"StudyInstanceUID": str})
+    assert out["folds"] == [0, 1, 2]
+    assert out["n_studies"] == len(labels)  # each labelled study predicted exactly once
+    assert 0 < out["rsna_score"] < 10
+    table = pd.read_csv(tmp_path / "cv_table.csv")
+    assert len(table) == 8 and set(table.columns) >= {"target", "auroc", "f1"}
+
+
+@pytest.mark.parametrize("name", ["joblib", "slurm"])
+def test_launcher_configs_compose(name, tiny_root, tmp_path):
+    with hydra_config("train", [*_fracture(tiny_root), f"launcher={name}"], tmp_path) as cfg:
+        assert cfg.experiment_name == "fracture_demo"

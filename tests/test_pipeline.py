@@ -1,0 +1,108 @@
+"""The main job end to end on a tiny synthetic folder: pipeline, evaluate, predict, resume by steps."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cervspine import TARGETS
+from tests.conftest import TINY_DATA, TINY_STAGE1, TINY_STAGE2, hydra_config
+
+
+def _quoted(items: list[str]) -> str:
+    return "[" + ",".join(f'"{x}"' for x in items) + "]"
+
+
+def _pipeline_overrides(root: Path) -> list[str]:
+    short = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2"]
+    stage_data = [o for o in TINY_DATA if not o.startswith(("data.image_size", "data.n_folds"))]
+    return [
+        f"data.root={root}", "experiment=demo", "data.image_size=64", "data.n_folds=3", "n_bootstrap=20",
+        "progress=false", f"stage1.overrides={_quoted(short + stage_data + TINY_STAGE1)}",
+        f"stage2.overrides={_quoted(short + stage_data + TINY_STAGE2)}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tiny_root, tmp_path_factory):
+    from cervspine.pipeline import run
+
+    out = tmp_path_factory.mktemp("pipeline")
+    with hydra_config("pipeline", _pipeline_overrides(tiny_root), out) as cfg:
+        result = run(cfg)
+    return out, result
+
+
+def test_pipeline_ends_with_submission_and_metrics(pipeline_run, tiny_root):
+    out, result = pipeline_run
+    sub = pd.read_csv(out / "submission.csv")
+    test = pd.read_csv(tiny_root / "test.csv")
+    assert list(sub.columns) == ["row_id", "fractured"]
+    assert sub["row_id"].tolist() == test["row_id"].tolist()  # test.csv's ids, in its order
+    assert len(sub) == 8 * test["StudyInstanceUID"].nunique()
+    assert sub["fractured"].notna().all() and ((sub["fractured"] > 0) & (sub["fractured"] < 1)).all()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data"] == "synthetic" and "SYNTHETIC" in metrics["note"]
+    assert np.isfinite(metrics["rsna_score"]) and metrics["n_studies"] >= 1
+    for uid in test["StudyInstanceUID"].unique():
+        record = json.loads((out / "studies" / f"{uid}.json").read_text())
+        assert set(TARGETS) <= set(record) and len(record["vertebra_extents"]) == 7
+
+
+def test_stage1_table_has_one_row_per_slice_of_every_study(pipeline_run, tiny_root):
+    from cervspine.data.stage1_table import COLUMNS, read_stage1
+
+    out, _ = pipeline_run
+    table = pd.read_parquet(out / "stage1_predictions.parquet")
+    assert list(table.columns) == COLUMNS
+    per_study = read_stage1(out / "stage1_predictions.parquet")
+    folders = [*(tiny_root / "train_images").iterdir(), *(tiny_root / "test_images").iterdir()]
+    assert set(per_study) == {p.name for p in folders}
+    for folder in folders:
+        vis, boxes = per_study[folder.name]
+        assert len(vis) == len(list(folder.glob("*.dcm")))
+        assert ((vis >= 0) & (vis <= 1)).all()
+
+
+def test_pipeline_rerun_skips_current_steps(pipeline_run, tiny_root):
+    from cervspine.pipeline import run
+
+    out, _ = pipeline_run
+    before = {p: p.stat().st_mtime_ns for p in [out / "submission.csv", out / "stage1_predictions.parquet"]}
+    with hydra_config("pipeline", _pipeline_overrides(tiny_root), out) as cfg:
+        run(cfg)
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def test_predict_single_study_folder(pipeline_run, tiny_root, tmp_path):
+    from cervspine.predict import predict_study_folder
+
+    out, _ = pipeline_run
+    folder = next((tiny_root / "test_images").iterdir())
+    with hydra_config("predict", [f"study={folder}", f"run_dir={out}", f"data.root={tiny_root}"], tmp_path) as cfg:
+        pred = predict_study_folder(cfg)
+    assert pred.probabilities.shape == (8,)
+    assert pred.probabilities[7] >= pred.probabilities[:7].max() - 1e-6  # noisy-or overall
+    cached = json.loads((out / "studies" / f"{folder.name}.json").read_text())
+    np.testing.assert_allclose([cached[t] for t in TARGETS], pred.probabilities, rtol=1e-4, atol=1e-5)
+
+
+def test_predict_on_a_missing_test_study_writes_no_submission(pipeline_run, tiny_root, tmp_path):
+    from cervspine.predict import predict_folder
+
+    out, _ = pipeline_run
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_root, broken, ignore=shutil.ignore_patterns(".cervspine_cache"))
+    victim = next((broken / "test_images").iterdir())
+    shutil.rmtree(victim)
+    overrides = [f"data.root={broken}", f"run_dir={out}", "data.image_size=64"]
+    with hydra_config("predict", overrides, tmp_path / "run") as cfg:
+        result = predict_folder(cfg)
+    assert list(result.failed) == [victim.name]
+    assert len(result.predictions) == 1  # the other test study was still scored
+    assert result.submission is None and not (tmp_path / "run" / "submission.csv").exists()

@@ -1,0 +1,93 @@
+"""Training through the real Hydra configs: every experiment composes and runs, resume continues."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from cervspine.train import train
+from tests.conftest import TINY_DATA, TINY_STAGE1, TINY_STAGE2, hydra_config
+
+EXPERIMENT_DIR = Path(__file__).parents[1] / "conf" / "experiment"
+EXPERIMENTS = sorted(p.stem for p in EXPERIMENT_DIR.glob("*.yaml"))
+# pipeline experiments name the train experiments of their stages; the others are train experiments
+PIPELINE_EXPERIMENTS = [e for e in EXPERIMENTS if "stage2" in OmegaConf.load(EXPERIMENT_DIR / f"{e}.yaml")]
+STAGE_OF = {"vertebrae": TINY_STAGE1, "fracture": TINY_STAGE2}
+
+
+def _overrides(tiny_root: Path, experiment: str) -> list[str]:
+    stage = "vertebrae" if experiment.startswith("vertebrae") else "fracture"
+    ov = [
+        f"experiment={experiment}",
+        f"data.root={tiny_root}",
+        *TINY_DATA,
+        *STAGE_OF[stage],
+        "print_config=false",
+    ]
+    if experiment.startswith("fracture_seq"):  # 7 sequences per study: few slices each
+        ov += ["data.n_slices=4"]
+    if not experiment.endswith("_demo"):  # the real-data recipes, shrunk to one tiny CPU batch
+        ov += [
+            "trainer.accelerator=cpu",
+            "trainer.precision=32-true",
+            "data.batch_size=2",
+            "data.image_size=64",
+            "data.num_workers=0",
+            "data.preprocess_workers=1",
+        ]
+    return ov
+
+
+def test_experiment_list_is_complete():
+    for name in ("vertebrae_demo", "vertebrae_b5", "fracture_demo", "fracture_b5", "demo"):
+        assert name in EXPERIMENTS
+    for name in ("fracture_seq_demo", "fracture_seq", "demo_seq"):
+        assert name in EXPERIMENTS
+    assert {"demo", "demo_seq"} <= set(PIPELINE_EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e not in PIPELINE_EXPERIMENTS])
+def test_every_train_experiment_runs_fast_dev_run(experiment, tiny_root, tmp_path):
+    with hydra_config("train", [*_overrides(tiny_root, experiment), "debug=fast_dev_run"], tmp_path) as cfg:
+        metrics, objects = train(cfg)
+    assert objects["trainer"].global_step == 1
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert (tmp_path / "resolved_config.yaml").is_file() and (tmp_path / "run_info.json").is_file()
+    assert "git_commit" in (tmp_path / "run_info.json").read_text()
+
+
+def test_pipeline_experiment_composes_for_train_and_pipeline(tiny_root, tmp_path):
+    with hydra_config("pipeline", ["experiment=demo", f"data.root={tiny_root}"], tmp_path) as cfg:
+        assert cfg.stage1.experiment == "vertebrae_demo" and cfg.stage2.experiment == "fracture_demo"
+        assert cfg.data.image_size == 128
+
+
+def _short(tiny_root: Path, epochs: int) -> list[str]:
+    return [
+        *_overrides(tiny_root, "fracture_demo"),
+        f"trainer.max_epochs={epochs}",
+        "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=2",
+    ]
+
+
+def test_resume_from_last_continues_the_global_step(tiny_root, tmp_path):
+    with hydra_config("train", _short(tiny_root, 1), tmp_path) as cfg:
+        _, first = train(cfg)
+    assert first["trainer"].global_step == 2
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    with hydra_config("train", [*_short(tiny_root, 2), "ckpt_path=last"], tmp_path) as cfg:
+        _, second = train(cfg)
+    assert second["trainer"].global_step == 4  # continued, not restarted
+    assert second["trainer"].current_epoch == 2
+
+
+def test_validation_scores_studies_and_checkpoints_on_rsna_score(tiny_root, tmp_path):
+    with hydra_config("train", _short(tiny_root, 1), tmp_path) as cfg:
+        metrics, objects = train(cfg)
+    assert 0 < metrics["val/rsna_score"] < 10
+    assert objects["summary"]["monitor"] == "val/rsna_score"
+    assert Path(objects["summary"]["best_model_path"]).is_file()
