@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= data/synthetic_demo
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test test-slow bench lint format fuzz clean
+.PHONY: help install demo test test-slow bench lint format fuzz clean browser
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -26,6 +26,13 @@ DEMO_ARGS ?=
 demo: $(STAMP) ## synthesize an RSNA-format folder (once), then run the whole pipeline on it
 	@test -f $(DEMO_DIR)/synthetic_manifest.csv || $(PY) -m cervspine.synthesize out=$(DEMO_DIR) $(DEMO_SYNTH)
 	WANDB_MODE=offline $(PY) -m cervspine.pipeline data.root=$(DEMO_DIR) experiment=demo $(DEMO_ARGS)
+
+browser: ## headless Chromium for the report browser test (root + apt-get only; failure ignored)
+	@if [ -x /usr/bin/chromium ]; then echo "chromium: present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+			|| echo "chromium could not be installed: the browser test will be skipped"; \
+	else echo "not root or no apt-get: no chromium, the browser test will be skipped"; fi
 
 test: $(STAMP) ## the whole test suite (what CI runs)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -12,6 +12,11 @@ def _in_chans(context: int, windows) -> int:
     return (2 * int(context) + 1) * len(windows)
 
 
+def _seq_in_chans(context: int, windows, mask: str) -> int:
+    """Channels of a vertebra-sequence slice: the 2.5D stack, plus one when a mask channel is on."""
+    return _in_chans(context, windows) + int(str(mask) != "none")
+
+
 def _num_meta() -> int:
     from cervspine.data.metadata import NUM_FEATURES
 
@@ -33,7 +38,12 @@ def _wandb_offline() -> bool:
 
 
 def register_resolvers() -> None:
-    resolvers = {"cs.in_chans": _in_chans, "cs.num_meta": _num_meta, "cs.wandb_offline": _wandb_offline}
+    resolvers = {
+        "cs.in_chans": _in_chans,
+        "cs.seq_in_chans": _seq_in_chans,
+        "cs.num_meta": _num_meta,
+        "cs.wandb_offline": _wandb_offline,
+    }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

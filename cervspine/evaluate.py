@@ -1,7 +1,9 @@
 """``python -m cervspine.evaluate data.root=DIR run_dir=RUN``: score a fold (or a whole labelled folder).
 
 Runs the full inference path (both stages + aggregation, exactly as predict does) on the chosen labelled
-studies; writes ``metrics.json`` and ``predictions.csv`` (per study: predictions and labels).
+studies; writes ``metrics.json`` and ``predictions.csv`` (per study: predictions and labels). With
+``report=true`` also ``report/`` (figures, a self-contained ``report.html``; see :mod:`cervspine.report`);
+``report_threshold=`` fixes the operating threshold (else Youden's J on the evaluated predictions).
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     p = np.stack(rows)
     y = index.labels.loc[uids, list(TARGETS)].to_numpy(np.float64)
     y_prior = index.labels.loc[others or uids, list(TARGETS)].to_numpy(np.float64)
-    metrics = score(y, p, y_prior, is_synthetic(cfg.data.root), n_boot=cfg.get("n_bootstrap", 1000))
+    synthetic = is_synthetic(cfg.data.root)
+    metrics = score(y, p, y_prior, synthetic, n_boot=cfg.get("n_bootstrap", 1000))
     metrics.update(
         {"fold": fold, "stage1_ckpt": str(s1), "stage2_ckpt": str(s2), "data_root": str(cfg.data.root)}
     )
@@ -96,6 +99,21 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     for t in TARGETS:
         table[f"label_{t}"] = y[:, list(TARGETS).index(t)].astype(int)
     write_csv_atomic(table, out_dir / "predictions.csv")
+    if cfg.get("report"):
+        from cervspine.report.evaluation import write_evaluation_report
+
+        rep = write_evaluation_report(
+            out_dir / "report",
+            y,
+            p,
+            synthetic=synthetic,
+            threshold=cfg.get("report_threshold"),
+            n_boot=cfg.get("n_bootstrap", 1000),
+            metrics=metrics,
+            subtitle=f"{cfg.data.root} — fold {fold} — {len(uids)} studies — stage 2: {s2}",
+        )
+        metrics["report"] = str(rep.html)
+        print(f"report: {rep.html}")
     print_metrics(metrics)
     return metrics
 
@@ -115,7 +133,8 @@ def print_metrics(metrics: dict[str, Any]) -> None:
     console.print(table)
     console.print(
         f"rsna_score {metrics['rsna_score']:.4f} (95% CI {lo:.3f}–{hi:.3f}); prior baseline "
-        f"{metrics['prior_baseline_rsna_score']:.4f}; ratio {metrics['score_ratio_to_prior']:.2f} [{kind} data]"
+        f"{metrics['prior_baseline_rsna_score']:.4f}; ratio {metrics['score_ratio_to_prior']:.2f} "
+        f"[{kind} data]"
     )
 
 

@@ -21,8 +21,16 @@ from cervspine.data.metadata import slice_features, study_features
 from cervspine.data.spine import crop_pixels, crop_track
 from cervspine.data.stage1_table import BOX_COLS, COLUMNS, VIS_COLS
 from cervspine.data.transforms import context_offsets, resize_hwc, resolve_windows
+from cervspine.data.vertebra_crops import VertebraCropper, study_sequences
 from cervspine.models.fracture import FractureClassifier, aggregate_slices
+from cervspine.models.sequence import VertebraSequenceClassifier
 from cervspine.models.vertebrae import VertebraeDetector
+
+# stage-2 model classes by the name a checkpoint records (``model_class``); none recorded → slice model
+STAGE2_CLASSES: dict[str, type] = {
+    "FractureClassifier": FractureClassifier,
+    "VertebraSequenceClassifier": VertebraSequenceClassifier,
+}
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -38,9 +46,17 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
-def load_stage(ckpt_path: str | Path, cls: type, device: torch.device):
-    """(module in eval mode on ``device``, the data hyper-parameters it was trained with)."""
+def load_stage(ckpt_path: str | Path, cls: type | None, device: torch.device):
+    """(module in eval mode on ``device``, the data hyper-parameters it was trained with).
+
+    ``cls=None``: a stage-2 class chosen by the checkpoint's ``model_class`` (see :data:`STAGE2_CLASSES`).
+    """
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if cls is None:
+        name = ckpt.get("model_class", "FractureClassifier")
+        if name not in STAGE2_CLASSES:
+            raise ValueError(f"{ckpt_path}: unknown stage-2 model class {name!r}")
+        cls = STAGE2_CLASSES[name]
     hp = dict(ckpt["hyper_parameters"])
     backbone = {**hp["backbone"], "pretrained": False, "weights_path": None}  # weights come from the ckpt
     model = cls.load_from_checkpoint(
@@ -94,16 +110,20 @@ class StudyPrediction:
     uid: str
     probabilities: np.ndarray  # (8,) C1..C7, patient_overall
     slice_table: pd.DataFrame  # per-slice stage-1 output (the stage-1 table's schema)
-    fracture_slices: np.ndarray  # slice indices scored by stage 2
-    fracture_probs: np.ndarray  # (n, 7) per-slice fracture probabilities
+    fracture_slices: np.ndarray  # slice indices scored by stage 2 (sequence model: the sampled ones)
+    fracture_probs: np.ndarray  # (n, 7) per-slice fracture probabilities (sequence model: see below)
     timings: dict[str, float]
+    stage2: dict[str, Any] = field(default_factory=dict)  # model-specific details for the study record
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "StudyInstanceUID": self.uid,
             **{t: float(p) for t, p in zip(TARGETS, self.probabilities)},
             "timings_s": self.timings,
         }
+        if self.stage2:
+            out["stage2"] = self.stage2
+        return out
 
 
 class Predictor:
@@ -123,16 +143,18 @@ class Predictor:
         self.batch_size, self.precision = int(batch_size), precision
         self.stage1, hp1 = load_stage(stage1_ckpt, VertebraeDetector, self.device)
         self.data1 = StageData.from_hparams(hp1)
-        self.stage2 = self.data2 = None
+        self.stage2 = self.data2 = self.cropper = None
         if stage2_ckpt is not None:  # stage-1 inference alone needs no stage 2
-            self.stage2, hp2 = load_stage(stage2_ckpt, FractureClassifier, self.device)
+            self.stage2, hp2 = load_stage(stage2_ckpt, None, self.device)
             self.data2 = StageData.from_hparams(hp2)
+            if isinstance(self.stage2, VertebraSequenceClassifier):
+                self.cropper = VertebraCropper.from_hparams(hp2)
             if hp2.get("image_size") != hp1.get("image_size"):
                 raise ValueError(
                     f"stage 1 ({stage1_ckpt}) and stage 2 ({stage2_ckpt}) were trained on caches "
                     f"of different image_size: {hp1.get('image_size')} vs {hp2.get('image_size')}"
                 )
-        self.aggregation = dict(aggregation or (self.stage2.aggregation if self.stage2 else {}))
+        self.aggregation = dict(aggregation or getattr(self.stage2, "aggregation", None) or {})
 
     @torch.inference_mode()
     def run_stage1(self, study: CachedStudy) -> tuple[np.ndarray, np.ndarray]:
@@ -187,12 +209,37 @@ class Predictor:
             probs.append(torch.sigmoid(out["fracture"].float()).cpu().numpy())
         return z_all, np.concatenate(probs)
 
+    @torch.inference_mode()
+    def run_stage2_sequence(
+        self, study: CachedStudy, vis: np.ndarray, boxes: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """Sequence model: (8,) probabilities, (7, N) sampled slice indices (-1: vertebra not found) and
+        per-vertebra details (probability, extent, slices) for the study record. Geometry comes from
+        stage 1 only, as on test studies (a cached segmentation is not used)."""
+        extents = self.cropper.extents_from_stage1(vis, boxes)
+        images, slices, present = study_sequences(self.cropper, study.volume, extents, vis, boxes)
+        if not present.any():
+            raise RuntimeError(f"{study.uid}: stage 1 found no cervical vertebra on any slice")
+        x = torch.from_numpy(images).to(self.device)
+        with _autocast(self.device, self.precision):
+            probs = self.stage2.predict_study(x, torch.from_numpy(present).to(self.device))
+        details = {
+            "model": "VertebraSequenceClassifier",
+            "vertebrae": {
+                v: {"probability": float(probs[i]), **e.as_dict(), "slices": slices[i].tolist()}
+                for i, (v, e) in enumerate(zip(VERTEBRAE, extents))
+            },
+        }
+        return probs, slices, details
+
     def predict(self, study: CachedStudy) -> StudyPrediction:
         t = {}
         t0 = time.perf_counter()
         vis, boxes = self.run_stage1(study)
         t["stage1"] = time.perf_counter() - t0
         t0 = time.perf_counter()
+        if self.cropper is not None:
+            return self._predict_sequence(study, vis, boxes, t, t0)
         z, probs = self.run_stage2(study, vis, boxes)
         t["stage2"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -203,6 +250,20 @@ class Predictor:
             raise RuntimeError(f"{study.uid}: stage 1 found no cervical vertebra on any slice")
         t["aggregate"] = time.perf_counter() - t0
         return StudyPrediction(study.uid, final, stage1_frame(study, vis, boxes), z, probs, t)
+
+    def _predict_sequence(
+        self, study: CachedStudy, vis: np.ndarray, boxes: np.ndarray, t: dict[str, float], t0: float
+    ) -> StudyPrediction:
+        """The sequence model's StudyPrediction: ``fracture_slices`` are the sampled slices (sorted,
+        unique); ``fracture_probs[i, v]`` is vertebra v's probability where slice i was sampled for v,
+        else 0. No slice → study aggregation happens, so ``aggregate`` is 0."""
+        final, slices, details = self.run_stage2_sequence(study, vis, boxes)
+        t["stage2"], t["aggregate"] = time.perf_counter() - t0, 0.0
+        z = np.unique(slices[slices >= 0])
+        per_slice = np.zeros((len(z), len(VERTEBRAE)), dtype=np.float32)
+        for v in range(len(VERTEBRAE)):
+            per_slice[np.isin(z, slices[v]), v] = final[v]
+        return StudyPrediction(study.uid, final, stage1_frame(study, vis, boxes), z, per_slice, t, details)
 
 
 def stage1_frame(study: CachedStudy, vis: np.ndarray, boxes: np.ndarray) -> pd.DataFrame:

@@ -170,7 +170,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         steps.run("predict", models_key, [submission], _predict)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     from cervspine.evaluate import print_metrics
+    from cervspine.report.model_card import write_model_card
 
+    print(f"model card: {write_model_card(cfg, run_dir, metrics)}")
     print_metrics(metrics)
     print(f"submission: {submission if submission.exists() else '(no test.csv studies)'}")
     return {"metrics": metrics, "submission": submission if submission.exists() else None, "run_dir": run_dir}
@@ -190,6 +192,8 @@ def _task_config(cfg: DictConfig, run_dir: Path, s1: Path, s2: Path) -> DictConf
             "workers": cfg.workers,
             "n_bootstrap": cfg.get("n_bootstrap", 1000),
             "study": None,
+            "report": cfg.get("report", False),
+            "report_threshold": cfg.get("report_threshold"),
         }
     )
 

@@ -2,7 +2,8 @@
 
 Every scored study also gets ``studies/<uid>.json`` (per-vertebra probabilities, the detected vertebra
 extents, timings). The submission is written atomically and only when every study was scored; otherwise
-the command exits non-zero listing the studies it could not score.
+the command exits non-zero listing the studies it could not score. ``report=true`` adds
+``study_reports/<uid>/report.html`` (+ PNGs) per study (see :mod:`cervspine.report.study`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from cervspine.io import load_study
 from cervspine.io.rsna import RsnaIndex, write_csv_atomic
 from cervspine.preprocess import preprocess
 from cervspine.runinfo import write_json_atomic
-from cervspine.runs import stage_checkpoints
+from cervspine.runs import is_synthetic, stage_checkpoints
 
 log = logging.getLogger(__name__)
 EPS = 1e-4
@@ -38,6 +39,7 @@ class PredictResult:
     predictions: dict[str, np.ndarray] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
     submission: Path | None = None
+    reports: dict[str, Path] = field(default_factory=dict)
 
 
 def study_record(pred: StudyPrediction) -> dict[str, Any]:
@@ -59,6 +61,17 @@ def _predictor(cfg: DictConfig) -> Predictor:
     return Predictor(s1, s2, device=cfg.device, batch_size=cfg.batch_size)
 
 
+def write_report(
+    cfg: DictConfig, study: CachedStudy, pred: StudyPrediction, predictor: Predictor, synthetic: bool
+) -> Path:
+    """``<output_dir>/study_reports/<uid>/report.html`` and its PNGs for one scored study."""
+    from cervspine.report.study import write_study_report
+
+    out = Path(cfg.paths.output_dir) / "study_reports" / pred.uid
+    threshold = cfg.get("report_threshold")
+    return write_study_report(out, study, pred, predictor, synthetic=synthetic, threshold=threshold).html
+
+
 def predict_study_folder(cfg: DictConfig, predictor: Predictor | None = None) -> StudyPrediction:
     """One DICOM folder, read and scored in memory (nothing is written to the cache)."""
     predictor = predictor or _predictor(cfg)
@@ -67,6 +80,9 @@ def predict_study_folder(cfg: DictConfig, predictor: Predictor | None = None) ->
     pred = predictor.predict(study)
     out = Path(cfg.paths.output_dir)
     write_json_atomic(out / "studies" / f"{pred.uid}.json", study_record(pred))
+    if cfg.get("report"):  # synthetic when the folder sits in a generated RSNA folder (<root>/*_images/)
+        synthetic = any(is_synthetic(a) for a in Path(cfg.study).resolve().parents[:2])
+        print(f"report: {write_report(cfg, study, pred, predictor, synthetic)}")
     return pred
 
 
@@ -96,6 +112,17 @@ def predict_folder(cfg: DictConfig, predictor: Predictor | None = None) -> Predi
             continue
         result.predictions[uid] = pred.probabilities
         write_json_atomic(out / "studies" / f"{uid}.json", study_record(pred))
+        if cfg.get("report"):
+            try:  # a figure that fails must not cost the submission
+                result.reports[uid] = write_report(
+                    cfg, CachedStudy(cache_dir / uid), pred, predictor, is_synthetic(cfg.data.root)
+                )
+            except Exception:
+                log.exception("%s: study report failed", uid)
+    if result.reports:
+        from cervspine.report.study import write_index
+
+        write_index(out / "study_reports", result.reports, result.predictions, is_synthetic(cfg.data.root))
     if not result.failed:
         result.submission = out / "submission.csv"
         write_csv_atomic(submission_frame(index.test, result.predictions), result.submission)

@@ -86,7 +86,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     objects: dict[str, Any] = {"trainer": trainer, "model": model, "datamodule": datamodule}
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        # our own checkpoints hold the config (DictConfig, optimizer partial): not weights-only
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         ckpt_cb = trainer.checkpoint_callback
         best_path = getattr(ckpt_cb, "best_model_path", None) if ckpt_cb is not None else None
@@ -121,7 +122,7 @@ def write_oof_predictions(
     if not hasattr(model, "last_val_predictions") or trainer.fast_dev_run:
         return
     if best_path and Path(best_path).is_file():
-        trainer.validate(model, datamodule=datamodule, ckpt_path=best_path, verbose=False)
+        trainer.validate(model, datamodule=datamodule, ckpt_path=best_path, verbose=False, weights_only=False)
     if model.last_val_predictions is None or not trainer.is_global_zero:
         return
     from cervspine import TARGETS

@@ -61,6 +61,13 @@ class DecodeError(RuntimeError):
     """A slice could not be decoded."""
 
 
+def recoverable(exc: BaseException) -> bool:
+    """A decoder failure to record (and fall back from) rather than propagate: any Exception, and the
+    ``PanicException`` (a BaseException) that Rust-based decoders (pylibjpeg-rle, via pyo3) raise on
+    corrupt data."""
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
+
+
 def _unused_bits_corrected(arr: np.ndarray, bits_stored: int) -> np.ndarray:
     """Mask (unsigned) or sign-extend (signed) the unused high bits, as pydicom's pixel_array does."""
     shift = 8 * arr.dtype.itemsize - bits_stored
@@ -176,7 +183,9 @@ def decode_local(jobs: Sequence[SliceJob], out: np.ndarray, threads: int, outcom
         try:
             if not decode_into(job, out[job.slot]):
                 outcome.overflow.append(job)
-        except Exception as exc:  # noqa: BLE001 - recorded, the policy decides
+        except BaseException as exc:  # noqa: BLE001 - recorded, the policy decides
+            if not recoverable(exc):
+                raise
             outcome.errors[job.slot] = f"{type(exc).__name__}: {exc}"
 
     if threads > 1 and len(jobs) > 8:
@@ -429,7 +438,9 @@ def serve(in_stream: BinaryIO, out_stream: BinaryIO) -> None:
             out = buffers[key]
             try:
                 ok = decode_into(job, out)
-            except Exception as exc:  # noqa: BLE001 - reported to the parent, which falls back
+            except BaseException as exc:  # noqa: BLE001 - reported to the parent, which falls back
+                if not recoverable(exc):
+                    raise
                 _answer(out_stream, job.slot, ERROR, f"{type(exc).__name__}: {exc}".encode())
                 continue
             _answer(out_stream, job.slot, OK if ok else OVERFLOW, memoryview(out).cast("B") if ok else b"")

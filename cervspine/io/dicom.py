@@ -91,7 +91,12 @@ class _Header:
         if self.ds is None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self.ds = pydicom.dcmread(self.path, stop_before_pixels=True, force=True)
+                try:
+                    self.ds = pydicom.dcmread(self.path, stop_before_pixels=True, force=True)
+                except Exception as exc:  # the fast reader took it, pydicom does not: a corrupt header
+                    raise StudyReadError(
+                        f"{self.path}: cannot read the DICOM header ({type(exc).__name__}: {exc})"
+                    ) from exc
         return self.ds
 
 
@@ -131,8 +136,20 @@ def _float(value: Any, default: float | None = None) -> float | None:
 
 
 def _int(value: Any, default: int | None = None) -> int | None:
+    """An integral DICOM value (IS/US/SL/UL: within 32 bits), ``default`` when absent or invalid."""
     number = _float(value)
-    return default if number is None or not number.is_integer() else int(number)
+    if number is None or not number.is_integer() or not -(2**31) <= number < 2**32:
+        return default
+    return int(number)
+
+
+def _positive(*values: Any) -> float | None:
+    """The first value that is a finite number > 0, else None."""
+    for value in values:
+        number = _float(value)
+        if number is not None and np.isfinite(number) and number > 0:
+            return number
+    return None
 
 
 def _vector(value: Any, n: int) -> np.ndarray | None:
@@ -307,6 +324,9 @@ def _validate_pixels(folder: Path, headers: list[_Header]) -> None:
         )
     if headers[0].rows <= 0 or headers[0].cols <= 0:
         raise StudyReadError(f"{folder}: {headers[0].path.name} has no Rows/Columns")
+    odd = [h.path for h in headers if not (np.isfinite(h.slope) and np.isfinite(h.intercept))]
+    if odd:
+        raise StudyReadError(f"{folder}: non-finite RescaleSlope/RescaleIntercept in {_names(odd)}")
 
 
 # ------------------------------------------------------------------------------------------ geometry
@@ -326,6 +346,9 @@ def _order(folder: Path, headers: list[_Header]) -> tuple[list[_Header], np.ndar
     """Headers sorted superior → inferior, their projections on the normal, and the normal."""
     normal = superior_normal(headers[0].orientation)
     proj = np.array([h.position @ normal for h in headers])
+    if not np.all(np.isfinite(proj)):
+        odd = [h.path for h, p in zip(headers, proj) if not np.isfinite(p)]
+        raise StudyReadError(f"{folder}: ImagePositionPatient out of range in {_names(odd)}")
     order = np.argsort(-proj, kind="stable")
     ordered = [headers[i] for i in order]
     z = proj[order]
@@ -350,7 +373,10 @@ def _gaps(ordered: list[_Header], z: np.ndarray) -> _Gaps:
     """Median slice spacing and the slices missing where a step exceeds GAP_FACTOR × the median."""
     if len(z) < 2:
         ds = ordered[0].dataset()
-        dz = _float(ds.get("SpacingBetweenSlices")) or _float(ds.get("SliceThickness")) or 1.0
+        try:
+            dz = _positive(ds.get("SpacingBetweenSlices"), ds.get("SliceThickness")) or 1.0
+        except Exception as exc:  # a value pydicom cannot convert (corrupt VR or length)
+            raise StudyReadError(f"{ordered[0].path}: cannot read the slice spacing ({exc})") from exc
         return _Gaps(float(dz), 0, [])
     steps = -np.diff(z)
     dz = float(np.median(steps))
@@ -508,9 +534,9 @@ def _instance_numbers(ordered: Sequence[_Header]) -> np.ndarray:
 
 def _pixel_spacing(folder: Path, ds: Dataset) -> tuple[float, float]:
     spacing = ds.get("PixelSpacing") or ()
-    dy, dx = (_float(spacing[0]), _float(spacing[1])) if len(spacing) == 2 else (None, None)
+    dy, dx = (_positive(spacing[0]), _positive(spacing[1])) if len(spacing) == 2 else (None, None)
     if not dy or not dx:
-        warnings.warn(f"{folder}: no PixelSpacing, assuming 1 mm", UserWarning, stacklevel=4)
+        warnings.warn(f"{folder}: no valid PixelSpacing, assuming 1 mm", UserWarning, stacklevel=4)
         return 1.0, 1.0
     return dy, dx
 
@@ -610,11 +636,16 @@ def _study(
     steps = np.sign(np.diff(instance_numbers))
     stored_reversed = bool(steps.sum() < 0)
     ds = first.dataset()
-    dy, dx = _pixel_spacing(folder, ds)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        metadata = _metadata(ds, first.transfer_syntax)
-        study_uid = uid or _text(ds.get("StudyInstanceUID")) or folder.name
+    try:
+        dy, dx = _pixel_spacing(folder, ds)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            metadata = _metadata(ds, first.transfer_syntax)
+            study_uid = uid or _text(ds.get("StudyInstanceUID")) or folder.name
+    except Exception as exc:  # a value pydicom cannot convert (corrupt VR or length)
+        raise StudyReadError(
+            f"{first.path}: cannot read the DICOM metadata ({type(exc).__name__}: {exc})"
+        ) from exc
     metadata.update(
         num_slices=len(ordered),
         stored_reversed=stored_reversed,
