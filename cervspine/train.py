@@ -70,6 +70,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
     _prepare_wandb(cfg, output_dir, resuming=ckpt_path is not None)
 
+    env_before = dict(os.environ)
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     model: L.LightningModule = instantiate(cfg.model)
     callbacks = _instantiate_group(cfg.get("callbacks"))
@@ -108,6 +109,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 metrics[f"{cfg.optimized_metric}_best"] = float(best)
     finally:
         _close_loggers(loggers)
+        _teardown_distributed(env_before)
     return metrics, objects
 
 
@@ -135,6 +137,18 @@ def write_oof_predictions(
     for i, t in enumerate(TARGETS):
         table[f"label_{t}"] = labels[:, i].astype(int)
     write_csv_atomic(table, output_dir / "oof_predictions.csv")
+
+
+def _teardown_distributed(env_before: dict[str, str]) -> None:
+    """End this run's process group and its rendezvous variables, so the next job of a multirun
+    (same process) starts its own DDP instead of reusing a group whose peers have exited."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "RANK"):
+        if key not in env_before:
+            os.environ.pop(key, None)
 
 
 def _close_loggers(loggers: list[Any]) -> None:

@@ -43,7 +43,7 @@ def test_ddp_inside_a_multirun_stays_in_its_job_folder(tiny_root, tmp_path):
     logs, sweep = tmp_path / "logs", tmp_path / "sweep"
     _run(["-m", *_fracture(tiny_root), *SHORT, "trainer=ddp_cpu", "data.fold=0,1", f"paths.log_dir={logs}",
           f"hydra.sweep.dir={sweep}"], tmp_path)
-    assert sorted(p.name for p in sweep.iterdir() if not p.name.startswith(".")) == ["0", "1"]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
     for job in ("0", "1"):
         assert (sweep / job / "train_summary.json").is_file()
     assert not logs.exists() or not any(logs.iterdir())  # no stray timestamped run folders
