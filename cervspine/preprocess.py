@@ -82,7 +82,12 @@ def preprocess(
     report = PreprocessReport()
     todo = []
     for job in jobs:
-        if entry_is_current(cache_dir / job.uid, source_fingerprint(job.study_dir, job.seg_path, params)):
+        try:
+            fingerprint = source_fingerprint(job.study_dir, job.seg_path, params)
+        except OSError as e:  # a missing or unreadable study folder fails that study alone
+            report.failed[job.uid] = f"{type(e).__name__}: {e}"
+            continue
+        if entry_is_current(cache_dir / job.uid, fingerprint):
             report.skipped.append(job.uid)
         else:
             todo.append(job)

@@ -79,8 +79,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     extra = {}
     for lg in loggers:
-        if type(lg).__name__ == "WandbLogger":
-            extra["wandb_run_id"] = lg.version
+        if type(lg).__name__ == "WandbLogger" and trainer.is_global_zero:
+            extra["wandb_run_id"] = lg.experiment.id  # starts the (offline or online) run now
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     if trainer.is_global_zero:
         save_run_info(cfg, output_dir, extra=extra, print_config=cfg.get("print_config", True))

@@ -109,8 +109,16 @@ def test_a_bad_study_fails_alone_and_the_cli_exits_nonzero(root, tmp_path):
     report = preprocess(index, tmp_path / "c", CacheParams(image_size=32), workers=2, progress=False)
     assert list(report.failed) == [bad] and bad in report.failed
     assert len(report.built) == len(index.train_uids) + len(index.test_uids) - 1
-    cmd = [sys.executable, "-m", "cervspine.preprocess", f"data.root={root}", f"data.cache_dir={tmp_path / 'c2'}",
-           "data.image_size=32", f"hydra.run.dir={tmp_path / 'run'}", "progress=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cervspine.preprocess",
+        f"data.root={root}",
+        f"data.cache_dir={tmp_path / 'c2'}",
+        "data.image_size=32",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "progress=false",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and bad in proc.stderr
 
@@ -121,10 +129,20 @@ def test_preprocess_killed_midway_resumes_cleanly(tmp_path):
     root = tmp_path / "rsna"  # enough work (20 studies × ~150 slices) that the kill lands mid-way
     write_rsna_folder(root, n_train=20, n_test=0, size=64, slices=(140, 160), seed=9, seg_fraction=0.5)
     cache = tmp_path / "c"
-    cmd = [sys.executable, "-m", "cervspine.preprocess", f"data.root={root}", f"data.cache_dir={cache}",
-           "data.image_size=64", "workers=1", f"hydra.run.dir={tmp_path / 'run'}", "progress=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cervspine.preprocess",
+        f"data.root={root}",
+        f"data.cache_dir={cache}",
+        "data.image_size=64",
+        "workers=1",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "progress=false",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
+
     def complete() -> set[str]:  # finished entries; .tmp-* folders are work in progress
         return {p.name for p in cache.glob("[!.]*") if (p / "meta.json").exists()}
 

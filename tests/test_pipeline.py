@@ -22,8 +22,13 @@ def _pipeline_overrides(root: Path) -> list[str]:
     short = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2"]
     stage_data = [o for o in TINY_DATA if not o.startswith(("data.image_size", "data.n_folds"))]
     return [
-        f"data.root={root}", "experiment=demo", "data.image_size=64", "data.n_folds=3", "n_bootstrap=20",
-        "progress=false", f"stage1.overrides={_quoted(short + stage_data + TINY_STAGE1)}",
+        f"data.root={root}",
+        "experiment=demo",
+        "data.image_size=64",
+        "data.n_folds=3",
+        "n_bootstrap=20",
+        "progress=false",
+        f"stage1.overrides={_quoted(short + stage_data + TINY_STAGE1)}",
         f"stage2.overrides={_quoted(short + stage_data + TINY_STAGE2)}",
     ]
 
@@ -84,7 +89,9 @@ def test_predict_single_study_folder(pipeline_run, tiny_root, tmp_path):
 
     out, _ = pipeline_run
     folder = next((tiny_root / "test_images").iterdir())
-    with hydra_config("predict", [f"study={folder}", f"run_dir={out}", f"data.root={tiny_root}"], tmp_path) as cfg:
+    with hydra_config(
+        "predict", [f"study={folder}", f"run_dir={out}", f"data.root={tiny_root}"], tmp_path
+    ) as cfg:
         pred = predict_study_folder(cfg)
     assert pred.probabilities.shape == (8,)
     assert pred.probabilities[7] >= pred.probabilities[:7].max() - 1e-6  # noisy-or overall
