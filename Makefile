@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP) ## create .venv and install cervspine with its test extras
 
-DEMO_SYNTH ?= n_train=40 n_test=8 size=128 seed=0 workers=2
+DEMO_SYNTH ?= n_train=150 n_test=10 size=128 seed=0 seg_fraction=0.3 workers=2
 DEMO_ARGS ?=
 
 demo: $(STAMP) ## synthesize an RSNA-format folder (once), then run the whole pipeline on it
@@ -39,6 +39,11 @@ test: $(STAMP) ## the whole test suite (what CI runs)
 
 test-slow: $(STAMP) ## the slow tests (learning checks, longer fault injection)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+FUZZ_SECONDS ?= 600
+fuzz: $(STAMP) ## fuzz the DICOM reader for FUZZ_SECONDS (failures are kept in .hypothesis/)
+	CERVSPINE_FUZZ_SECONDS=$(FUZZ_SECONDS) RUST_BACKTRACE=0 $(PY) -m pytest -q -s -m slow \
+		tests/test_reliability_fuzz.py $(PYTEST_ARGS)
 
 bench: $(STAMP) ## benchmarks; results in experiments/benchmarks/RESULTS.md
 	$(PY) -m experiments.benchmarks.run_all

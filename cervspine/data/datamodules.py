@@ -174,6 +174,7 @@ class FractureDataModule(RsnaDataModule):
         min_crop: float = 0.15,
         box_radius: int = 2,
         far_from_box_weight: float = 0.25,
+        unboxed_positive_weight: float = 1.0,
         pos_fraction: float | None = 0.5,
         epoch_size: int | None = None,
         **kwargs,
@@ -184,6 +185,7 @@ class FractureDataModule(RsnaDataModule):
         self.visible_threshold = float(visible_threshold)
         self.crop_margin, self.min_crop = float(crop_margin), float(min_crop)
         self.box_radius, self.far_from_box_weight = int(box_radius), float(far_from_box_weight)
+        self.unboxed_positive_weight = float(unboxed_positive_weight)
         self.pos_fraction, self.epoch_size = pos_fraction, epoch_size
         self._stage1: dict | None = None
 
@@ -227,14 +229,21 @@ class FractureDataModule(RsnaDataModule):
         return self.index.labels.loc[list(uids), list(TARGETS)].to_numpy(np.float32)
 
     def slice_targets(self, uid: str, vis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per-slice targets C_v × presence, refined by the study's bounding boxes; and loss weights."""
+        """Per-slice targets C_v × presence, refined by the study's bounding boxes; and loss weights.
+
+        With boxes: a boxed slice is positive for the fractured level it lies in; positives farther than
+        ``box_radius`` slices from every box get ``far_from_box_weight``. Without boxes: positives get
+        ``unboxed_positive_weight`` (most slices of a fractured vertebra do not show the fracture).
+        """
         study_label = self.index.labels.loc[uid, list(VERTEBRAE)].to_numpy(np.float32)
         present = (vis >= self.visible_threshold).astype(np.float32)
         target = present * study_label[None, :]
         weight = np.ones_like(target)
         boxes = self.index.boxes
         rows = boxes[boxes["StudyInstanceUID"] == uid] if len(boxes) else boxes
-        if len(rows):
+        if not len(rows):  # no boxes: every visible slice of a fractured level is a (noisy) positive
+            weight = np.where(target > 0, self.unboxed_positive_weight, weight)
+        else:
             numbers = np.asarray(self.study(uid).meta["instance_numbers"])
             pos = {int(n): i for i, n in enumerate(numbers)}
             boxed = sorted({pos[int(n)] for n in rows["slice_number"] if int(n) in pos})
@@ -296,7 +305,7 @@ class FractureDataModule(RsnaDataModule):
     def _sampler(self, ds: FractureSliceDataset) -> WeightedRandomSampler | None:
         if self.pos_fraction is None and self.epoch_size is None:
             return None
-        pos = np.array([ds.targets[s][z].max() > 0 for s, z in ds.items])
+        pos = np.array([(ds.targets[s][z] * ds.weights[s][z]).max() > 0 for s, z in ds.items])
         w = np.ones(len(pos))
         if self.pos_fraction is not None and 0 < pos.sum() < len(pos):
             f = float(self.pos_fraction)

@@ -10,8 +10,8 @@ import pandas as pd
 def assign_folds(labels: pd.DataFrame, n_folds: int, seed: int) -> pd.Series:
     """StudyInstanceUID-indexed ``labels`` (with patient_overall) → fold number per study.
 
-    The order inside each class comes from a seeded hash of the uid, so a study keeps its fold when
-    other studies are added or removed (unlike a permutation of the whole list).
+    Inside each class the studies are ordered by a seeded hash of the uid and dealt round-robin, so the
+    folds are balanced and the same for the same studies and seed on every machine.
     """
     if n_folds < 2:
         raise ValueError(f"n_folds must be >= 2, got {n_folds}")
