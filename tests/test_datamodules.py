@@ -42,7 +42,7 @@ def test_vertebrae_samples_are_2p5d_stacks_with_presence_targets(tiny_root, tmp_
     ds = dm.dataset(dm.val_uids)
     sample = ds[len(ds) // 2]
     assert sample["image"].shape == (dm.in_chans, 32, 32) == (6, 32, 32)
-    assert 0.0 <= float(sample["image"].min()) and float(sample["image"].max()) <= 1.0
+    assert float(sample["image"].min()) >= 0.0 and float(sample["image"].max()) <= 1.0
     s, z = ds.items[len(ds) // 2]
     expected = ds.studies[s].vertebra_presence(0.1)[z]
     np.testing.assert_array_equal(sample["target"].numpy(), expected)
