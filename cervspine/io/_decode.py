@@ -40,6 +40,7 @@ ANSWER_TIMEOUT_S = 120.0
 REQUEST = struct.Struct("<Q")
 ANSWER = struct.Struct("<qiQ")
 _INT16 = np.iinfo(np.int16)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class SliceJob(NamedTuple):
@@ -137,7 +138,7 @@ def store_hu(stored: np.ndarray, slope: float, intercept: float, out: np.ndarray
 
     int16 output needs an integral slope and intercept (the caller checks); the sum is formed in int32.
     float32 output is rounded once from the float64 result, so it equals pydicom's float64 formula cast
-    to float32.
+    to float32; values beyond float32's range raise :class:`DecodeError` (a corrupt rescale).
     """
     if out.dtype == np.int16:
         hu = stored.astype(np.int32)
@@ -154,6 +155,8 @@ def store_hu(stored: np.ndarray, slope: float, intercept: float, out: np.ndarray
         hu64 *= slope
     if intercept:
         hu64 += intercept
+    if hu64.size and not np.abs(hu64).max() <= _FLOAT32_MAX:  # also catches inf / nan
+        raise DecodeError(f"RescaleSlope {slope} / RescaleIntercept {intercept} overflow float32")
     out[...] = hu64
     return True
 
