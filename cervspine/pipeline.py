@@ -77,7 +77,7 @@ def stage_config(cfg: DictConfig, stage: str, output_dir: Path, extra: list[str]
     overrides += [f"data.{k}={_override_value(cfg.data[k])}" for k in FORWARDED_DATA_KEYS]
     overrides += [
         f"data.exclude={_override_value(list(cfg.data.exclude))}",
-        f"paths.output_dir={output_dir}",
+        f"paths.output_dir={_override_value(str(output_dir))}",
         f"seed={cfg.seed}",
         "print_config=false",
     ]
@@ -88,12 +88,14 @@ def stage_config(cfg: DictConfig, stage: str, output_dir: Path, extra: list[str]
 
 
 def _override_value(v: Any) -> str:
+    """A value as Hydra override syntax; strings always quoted (paths with spaces, commas, non-ASCII)."""
     if isinstance(v, list):
         return "[" + ",".join(_override_value(x) for x in v) + "]"
     if v is None:
         return "null"
-    s = str(v)
-    return f"'{s}'" if any(c in s for c in " ,=[]{}()'\"") else s
+    if isinstance(v, (bool, int, float)):
+        return str(v).lower() if isinstance(v, bool) else str(v)
+    return "'" + str(v).replace("'", "\\'") + "'"
 
 
 def _train_stage(stage_cfg: DictConfig) -> None:
@@ -143,7 +145,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "stage1_inference", inf_key, [table], lambda: stage1_inference(s1_ckpt, cache_dir, uids, table, cfg)
     )
 
-    s2_cfg = stage_config(cfg, "stage2", s2_dir, [f"data.stage1_predictions={table}"])
+    s2_cfg = stage_config(cfg, "stage2", s2_dir, [f"data.stage1_predictions={_override_value(str(table))}"])
     s2_key = _key(OmegaConf.to_container(s2_cfg, resolve=True), inf_key)
     steps.run("train_stage2", s2_key, [s2_dir / "train_summary.json"], lambda: _train_stage(s2_cfg))
     s2_ckpt = best_checkpoint(s2_dir)

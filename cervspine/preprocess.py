@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import sys
@@ -99,12 +100,22 @@ def preprocess(
                 _record(report, job, lambda j=job: _run_job(j, cache_dir, params))
                 bar.advance(task)
         else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            with ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent) as pool:
                 futures = {pool.submit(_run_job, job, cache_dir, params): job for job in todo}
                 for fut in as_completed(futures):
                     _record(report, futures[fut], fut.result)
                     bar.advance(task)
     return report
+
+
+def _die_with_parent() -> None:
+    """Pool workers (and so their decoder subprocesses) end when the parent is killed (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _record(report: PreprocessReport, job: _Job, call) -> None:

@@ -98,7 +98,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             summary = {
                 "best_model_path": best_path,
                 "best_score": None if best is None else float(best),
-                "last_model_path": getattr(ckpt_cb, "last_model_path", None),
+                "last_model_path": str(output_dir / "checkpoints" / "last.ckpt")
+                if (output_dir / "checkpoints" / "last.ckpt").is_file()
+                else None,
                 "monitor": cfg.get("optimized_metric"),
                 "global_step": trainer.global_step,
                 "metrics": metrics,

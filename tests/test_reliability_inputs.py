@@ -96,8 +96,6 @@ def test_a_path_with_spaces_and_non_ascii_through_the_cli(odd_root, tmp_path):
     assert (run / "preprocess.log").is_file()
 
 
-@pytest.mark.xfail(reason="cervspine/pipeline.py quotes override values only for ' ,=[]{}()' and not the "
-                   "run dir: non-ASCII paths break the stage configs (Hydra override grammar)")  # fmt: skip
 def test_pipeline_stage_configs_accept_a_non_ascii_path(tmp_path):
     from cervspine.pipeline import stage_config
 
