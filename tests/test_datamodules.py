@@ -104,3 +104,19 @@ def test_fracture_samples_carry_metadata_and_balanced_sampling(tiny_root, tmp_pa
     drawn = np.array(list(iter(loader.sampler)))
     if 0 < pos.mean() < 0.3:
         assert 0.35 < pos[drawn].mean() < 0.65  # positives drawn at about pos_fraction, not their share
+
+
+def test_visibility_normalization_gives_every_found_level_its_best_slices():
+    from cervspine.data.visibility import normalize_visibility
+
+    vis = np.zeros((6, 7), np.float32)
+    vis[1:3, 0] = [0.9, 0.6]  # confidently found
+    vis[3:5, 4] = [0.3, 0.15]  # found, but under-scored
+    vis[5, 6] = 0.01  # noise: below the floor, left alone
+    out = normalize_visibility(vis, "per_study_max")
+    np.testing.assert_allclose(out[1:3, 0], [1.0, 0.6 / 0.9], rtol=1e-6)
+    np.testing.assert_allclose(out[3:5, 4], [1.0, 0.5], rtol=1e-6)
+    assert out[5, 6] == np.float32(0.01)
+    np.testing.assert_array_equal(normalize_visibility(vis, "none"), vis)
+    with pytest.raises(ValueError, match="visibility normalization"):
+        normalize_visibility(vis, "softmax")

@@ -20,6 +20,7 @@ from cervspine.data.metadata import NUM_FEATURES, slice_features, study_features
 from cervspine.data.spine import crop_track
 from cervspine.data.stage1_table import read_stage1
 from cervspine.data.transforms import build_augment, context_offsets, resolve_windows
+from cervspine.data.visibility import normalize_visibility
 from cervspine.io.rsna import RsnaIndex
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,7 @@ class FractureDataModule(RsnaDataModule):
         box_radius: int = 2,
         far_from_box_weight: float = 0.25,
         unboxed_positive_weight: float = 1.0,
+        visibility_norm: str = "none",
         pos_fraction: float | None = 0.5,
         epoch_size: int | None = None,
         **kwargs,
@@ -186,6 +188,7 @@ class FractureDataModule(RsnaDataModule):
         self.crop_margin, self.min_crop = float(crop_margin), float(min_crop)
         self.box_radius, self.far_from_box_weight = int(box_radius), float(far_from_box_weight)
         self.unboxed_positive_weight = float(unboxed_positive_weight)
+        self.visibility_norm = visibility_norm
         self.pos_fraction, self.epoch_size = pos_fraction, epoch_size
         self._stage1: dict | None = None
 
@@ -199,7 +202,8 @@ class FractureDataModule(RsnaDataModule):
     def visibility_and_boxes(self, uid: str) -> tuple[np.ndarray, np.ndarray] | None:
         """Stage-1 predictions when present, else the segmentation; None when neither exists."""
         if uid in self.stage1:
-            return self.stage1[uid]
+            vis, boxes = self.stage1[uid]
+            return normalize_visibility(vis, self.visibility_norm), boxes
         s = self.study(uid)
         presence = s.vertebra_presence(self.presence_threshold, self.presence_unit)
         return None if presence is None else (presence, s.spine_box)
