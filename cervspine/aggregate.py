@@ -117,7 +117,8 @@ def register_aggregator(name: str) -> Callable[[Aggregator], Aggregator]:
 # ----------------------------------------------------------------------------------- patient_overall
 def noisy_or(vertebra_probs: np.ndarray) -> float:
     """P(any fracture) if vertebrae were independent: 1 − Π_v (1 − C_v) (≥ max C_v)."""
-    return float(1.0 - np.prod(1.0 - vertebra_probs))
+    # max(): 1 − (1 − c) can round a hair below c; the bound holds exactly, so keep it exactly
+    return float(max(1.0 - np.prod(1.0 - vertebra_probs), np.max(vertebra_probs)))
 
 
 def overall_max(vertebra_probs: np.ndarray) -> float:
