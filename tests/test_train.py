@@ -91,3 +91,36 @@ def test_validation_scores_studies_and_checkpoints_on_rsna_score(tiny_root, tmp_
     assert 0 < metrics["val/rsna_score"] < 10
     assert objects["summary"]["monitor"] == "val/rsna_score"
     assert Path(objects["summary"]["best_model_path"]).is_file()
+
+
+def test_same_seed_repeats_a_cpu_run_exactly(tiny_root, tmp_path):
+    import torch as _torch
+
+    states = []
+    for run in ("a", "b"):
+        with hydra_config("train", [*_short(tiny_root, 1), "seed=7"], tmp_path / run) as cfg:
+            _, objects = train(cfg)
+        states.append({k: v.clone() for k, v in objects["model"].state_dict().items()})
+    assert states[0].keys() == states[1].keys()
+    for k in states[0]:
+        assert _torch.equal(states[0][k], states[1][k]), k
+
+
+@pytest.mark.slow
+def test_vertebrae_detector_learns_on_held_out_synthetic_studies(tmp_path):
+    """A short CPU training reaches per-vertebra AUROC well above chance on the validation studies."""
+    from cervspine.data.synthetic import write_rsna_folder
+
+    root = tmp_path / "rsna"
+    write_rsna_folder(root, n_train=16, n_test=0, size=64, slices=(60, 70), seed=21, seg_fraction=1.0)
+    overrides = [
+        "experiment=vertebrae_demo",
+        f"data.root={root}",
+        *TINY_DATA,
+        *TINY_STAGE1,
+        "trainer.max_epochs=3",
+        "print_config=false",
+    ]
+    with hydra_config("train", overrides, tmp_path / "run") as cfg:
+        metrics, _ = train(cfg)
+    assert metrics["val/auroc_macro"] > 0.75  # chance is 0.5; measured ≈0.9–0.95 on the demo folder

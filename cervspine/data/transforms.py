@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import albumentations as A
 import cv2
 import numpy as np
+import torch
 
 # (low, high) HU. Bone window L=400 W=1800; soft tissue L=40 W=400; wide L=300 W=3000 (our names).
 WINDOWS = {"bone": (-500.0, 1300.0), "soft": (-160.0, 240.0), "wide": (-1200.0, 1800.0)}
@@ -52,10 +53,14 @@ def resize_hwc(img: np.ndarray, size: int) -> np.ndarray:
 def build_augment(
     transforms: Sequence[A.BasicTransform] | None, *, with_boxes: bool = False
 ) -> A.Compose | None:
-    """Compose already-instantiated albumentations transforms (from the data config)."""
+    """Compose already-instantiated albumentations transforms (from the data config).
+
+    albumentations keeps its own random generator: it is seeded from torch's seed (set by the run's
+    ``seed``), so a seeded run repeats its augmentations exactly.
+    """
     if not transforms:
         return None
     bbox = (
         A.BboxParams(format="albumentations", label_fields=["box_labels"], clip=True) if with_boxes else None
     )
-    return A.Compose(list(transforms), bbox_params=bbox)
+    return A.Compose(list(transforms), bbox_params=bbox, seed=int(torch.initial_seed() % 2**31))

@@ -19,6 +19,7 @@ from cervspine.data.cache import CachedStudy
 from cervspine.data.metadata import slice_features, study_features
 from cervspine.data.spine import crop_pixels, crop_track
 from cervspine.data.transforms import resize_hwc
+from cervspine.data.visibility import normalize_visibility
 from cervspine.inference import Predictor, windowed_volume
 
 
@@ -39,6 +40,7 @@ def stage2_inputs(
     """The stage-2 inputs of slices ``zs``, built as :meth:`Predictor.run_stage2` builds them:
     (images (n, C, S, S), metadata (n, M), pixel crop boxes (y0, x0, y1, x1) in the cached slice)."""
     d, hp = predictor.data2, predictor.data2.extra
+    vis = normalize_visibility(vis, hp.get("visibility_norm", "none"))  # as Predictor.predict does
     crops = crop_track(
         boxes, margin=float(hp.get("crop_margin", 0.25)), min_size=float(hp.get("min_crop", 0.15))
     )
