@@ -6,7 +6,9 @@ slice); batches run under ``torch.inference_mode`` and bf16 autocast where the d
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from cervspine.data.spine import crop_pixels, crop_track
 from cervspine.data.stage1_table import BOX_COLS, COLUMNS, VIS_COLS
 from cervspine.data.transforms import context_offsets, resize_hwc, resolve_windows
 from cervspine.data.vertebra_crops import VertebraCropper, study_sequences
+from cervspine.data.visibility import normalize_visibility
 from cervspine.models.fracture import FractureClassifier, aggregate_slices
 from cervspine.models.sequence import VertebraSequenceClassifier
 from cervspine.models.vertebrae import VertebraeDetector
@@ -44,6 +47,20 @@ def _autocast(device: torch.device, precision: str):
         precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op CPU threads set to ``n`` for the block (None: left as they are)."""
+    if n is None or int(n) == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def load_stage(ckpt_path: str | Path, cls: type | None, device: torch.device):
@@ -138,9 +155,17 @@ class Predictor:
         batch_size: int = 64,
         precision: str = "auto",
         aggregation: dict[str, Any] | None = None,
+        num_threads: int | None = None,
+        channels_last: bool = False,
     ):
+        """``num_threads``: torch CPU threads while scoring (None: torch's setting; on a CPU shared with
+        other busy processes, 1 can be several times faster than one per core). ``channels_last``: NHWC
+        convolutions (faster on CPU; the same outputs up to float rounding). ``precision="bf16"`` on CPU
+        is faster still where the CPU has bf16 instructions, with probabilities ~1e-4 off (opt-in:
+        "auto" means bf16 on CUDA only). experiments/benchmarks/inference.py measures each."""
         self.device = pick_device(device)
         self.batch_size, self.precision = int(batch_size), precision
+        self.num_threads = num_threads
         self.stage1, hp1 = load_stage(stage1_ckpt, VertebraeDetector, self.device)
         self.data1 = StageData.from_hparams(hp1)
         self.stage2 = self.data2 = self.cropper = None
@@ -155,10 +180,19 @@ class Predictor:
                     f"of different image_size: {hp1.get('image_size')} vs {hp2.get('image_size')}"
                 )
         self.aggregation = dict(aggregation or getattr(self.stage2, "aggregation", None) or {})
+        if channels_last:
+            for model in (self.stage1, self.stage2):
+                if model is not None:
+                    model.to(memory_format=torch.channels_last)
+                    model.channels_last = True  # the modules' forward converts their input
 
-    @torch.inference_mode()
     def run_stage1(self, study: CachedStudy) -> tuple[np.ndarray, np.ndarray]:
         """(visibility (Z, 7), spine boxes (Z, 4), NaN where no cervical level passes 0.5)."""
+        with torch_threads(self.num_threads):
+            return self._run_stage1(study)
+
+    @torch.inference_mode()
+    def _run_stage1(self, study: CachedStudy) -> tuple[np.ndarray, np.ndarray]:
         d = self.data1
         win = windowed_volume(study.volume, d.windows)
         if win.shape[2:] != (d.input_size, d.input_size):
@@ -233,18 +267,23 @@ class Predictor:
         return probs, slices, details
 
     def predict(self, study: CachedStudy) -> StudyPrediction:
+        with torch_threads(self.num_threads):
+            return self._predict(study)
+
+    def _predict(self, study: CachedStudy) -> StudyPrediction:
         t = {}
         t0 = time.perf_counter()
-        vis, boxes = self.run_stage1(study)
+        vis, boxes = self._run_stage1(study)
         t["stage1"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if self.cropper is not None:
             return self._predict_sequence(study, vis, boxes, t, t0)
-        z, probs = self.run_stage2(study, vis, boxes)
+        vis2 = normalize_visibility(vis, self.data2.extra.get("visibility_norm", "none"))
+        z, probs = self.run_stage2(study, vis2, boxes)
         t["stage2"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if len(z):
-            agg, _ = aggregate_slices(probs, vis[z], np.zeros(len(z)), z, **self.aggregation)
+            agg, _ = aggregate_slices(probs, vis2[z], np.zeros(len(z)), z, **self.aggregation)
             final = agg[0]
         else:  # no cervical level found: the study cannot be scored
             raise RuntimeError(f"{study.uid}: stage 1 found no cervical vertebra on any slice")

@@ -83,8 +83,27 @@ def area_fractions(areas: np.ndarray) -> np.ndarray:
     return np.divide(areas, peak, out=np.zeros_like(areas), where=peak > 0).astype(np.float32)
 
 
-def spine_boxes(seg: np.ndarray) -> np.ndarray:
-    """(Z, 4) normalised (y0, x0, y1, x1) box of the cervical labels 1..7 per slice; NaN where absent."""
+def spine_boxes(seg: np.ndarray, chunk: int = 32) -> np.ndarray:
+    """(Z, 4) normalised (y0, x0, y1, x1) box of the cervical labels 1..7 per slice; NaN where absent.
+
+    Computed ``chunk`` slices at a time: the boolean masks never cover the whole segmentation (at
+    512² they were the peak of a study's preprocessing); the same boxes as
+    :func:`_spine_boxes_reference`.
+    """
+    z, h, w = seg.shape
+    boxes = np.full((z, 4), np.nan, dtype=np.float32)
+    for start in range(0, z, chunk):
+        part = seg[start : start + chunk]
+        cerv = (part >= 1) & (part <= N_VERT)
+        rows, cols = cerv.any(axis=2), cerv.any(axis=1)
+        for i in np.flatnonzero(rows.any(axis=1)):
+            ys, xs = np.flatnonzero(rows[i]), np.flatnonzero(cols[i])
+            boxes[start + i] = (ys[0] / h, xs[0] / w, (ys[-1] + 1) / h, (xs[-1] + 1) / w)
+    return boxes
+
+
+def _spine_boxes_reference(seg: np.ndarray) -> np.ndarray:
+    """The whole-volume form of :func:`spine_boxes` (tests and the memory benchmark compare)."""
     z, h, w = seg.shape
     boxes = np.full((z, 4), np.nan, dtype=np.float32)
     cerv = (seg >= 1) & (seg <= N_VERT)
@@ -103,7 +122,27 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 
 
 def cached_volume(study, params: CacheParams) -> np.ndarray:
-    """The cache's form of a study volume: int16 HU clipped to [-1024, 3071], resized in-plane."""
+    """The cache's form of a study volume: int16 HU clipped to [-1024, 3071], resized in-plane.
+
+    When resizing, each slice is clipped on its own (the same values as clipping the whole volume
+    first, see :func:`_cached_volume_reference`) so that no clipped copy of the full-resolution
+    volume is ever held: a study costs its volume plus the small resized result.
+    """
+    volume, size = study.volume, params.image_size
+    if size is None or volume.shape[1:] == (size, size):
+        return np.clip(volume, HU_MIN, HU_MAX).astype(np.int16, copy=False)
+    out = np.empty((volume.shape[0], size, size), dtype=np.int16)
+    hu = np.empty(volume.shape[1:], dtype=np.int16)
+    for z in range(volume.shape[0]):
+        np.clip(volume[z], HU_MIN, HU_MAX, out=hu, casting="unsafe")  # float HU truncate like astype
+        r = cv2.resize(hu.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+        out[z] = np.rint(r)
+    return out
+
+
+def _cached_volume_reference(study, params: CacheParams) -> np.ndarray:
+    """The straightforward form of :func:`cached_volume` (whole-volume clip, then resize): tests and
+    the memory benchmark compare both."""
     volume = np.clip(study.volume, HU_MIN, HU_MAX).astype(np.int16, copy=False)
     return resize_stack(volume, params.image_size)
 

@@ -1,0 +1,154 @@
+"""Stage-2 comparison: the slice classifier under each aggregation vs the per-vertebra sequence model.
+
+Both use the same stage-1 checkpoint and the inference path of ``cervspine.evaluate`` (Predictor): per
+study, stage 1 runs once, then each stage-2 model; the slice model's per-slice outputs are aggregated
+with every method. Writes a JSON of the metrics and prints a Markdown table.
+
+    python -m experiments.stage2_comparison --stage1 S1.ckpt --slice S2.ckpt --seq NAME=SEQ.ckpt \\
+        --eval fold0=/tmp/cmp/train:0 --eval holdout=/tmp/cmp/holdout --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchmetrics.functional.classification import binary_auroc
+
+from cervspine import TARGETS, VERTEBRAE
+from cervspine.aggregate import AGGREGATORS
+from cervspine.data.cache import CachedStudy, CacheParams
+from cervspine.evaluate import select_studies
+from cervspine.inference import Predictor
+from cervspine.io.rsna import RsnaIndex
+from cervspine.metrics import bootstrap_ci, classification_report, prior_baseline, rsna_score
+from cervspine.models.fracture import aggregate_slices
+from cervspine.preprocess import preprocess
+from cervspine.runs import is_synthetic
+
+
+def _metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    r = classification_report(y, p)
+    lo, hi = bootstrap_ci(y, p, rsna_score, n=500)
+    n = len(VERTEBRAE)
+    pooled = binary_auroc(torch.from_numpy(p[:, :n].ravel()), torch.from_numpy(y[:, :n].ravel()).long())
+    return {
+        "rsna_score": r["rsna_score"],
+        "ci95": [lo, hi],
+        "vertebra_auroc": r["macro"]["auroc"],
+        "pooled_vertebra_auroc": float(pooled),
+        "patient_auroc": r["patient_overall"]["auroc"],
+        **{f"auroc_{v}": r[v]["auroc"] for v in VERTEBRAE},
+    }
+
+
+def compare(args: argparse.Namespace) -> dict:
+    slice_pred = Predictor(args.stage1, args.slice, device=args.device)
+    seq_preds = {}
+    for spec in args.seq:
+        name, ckpt = spec.split("=", 1)
+        seq_preds[name] = Predictor(args.stage1, ckpt, device=args.device)
+        seq_preds[name].stage1 = slice_pred.stage1  # the same stage-1 module for all
+    size = slice_pred.data1.extra["image_size"]
+    results = {}
+    for spec in args.eval:
+        name, rest = spec.split("=", 1)
+        root, _, fold = rest.partition(":")
+        index = RsnaIndex.from_root(root)
+        uids, others = select_studies(index, int(fold) if fold else None, args.n_folds, args.fold_seed)
+        cache = Path(root) / ".cervspine_cache" / f"s{size}"
+        assert preprocess(index, cache, CacheParams(image_size=size), workers=2, progress=False).ok
+        y = index.labels.loc[uids, list(TARGETS)].to_numpy(np.float64)
+        labels = index.labels.loc[others] if others else RsnaIndex.from_root(args.prior_root).labels
+        prior = prior_baseline(labels[list(TARGETS)].to_numpy(np.float64))
+        preds = {m: [] for m in AGGREGATORS} | {name: [] for name in seq_preds}
+        times = {"stage1": [], "slice_stage2": []} | {name: [] for name in seq_preds}
+        for uid in uids:
+            study = CachedStudy(cache / uid)
+            t0 = time.perf_counter()
+            vis, boxes = slice_pred.run_stage1(study)
+            t1 = time.perf_counter()
+            z, probs = slice_pred.run_stage2(study, vis, boxes)
+            times["stage1"].append(t1 - t0)
+            times["slice_stage2"].append(time.perf_counter() - t1)
+            for m in AGGREGATORS:
+                agg = {**slice_pred.aggregation, "method": m}
+                preds[m].append(aggregate_slices(probs, vis[z], np.zeros(len(z)), z, **agg)[0][0])
+            for name, predictor in seq_preds.items():
+                t2 = time.perf_counter()
+                preds[name].append(predictor.run_stage2_sequence(study, vis, boxes)[0])
+                times[name].append(time.perf_counter() - t2)
+        results[name] = {
+            "root": root,
+            "fold": fold or None,
+            "n_studies": len(uids),
+            "n_positive": int(y[:, -1].sum()),
+            "synthetic": is_synthetic(root),
+            "prior_rsna_score": rsna_score(y, np.tile(prior, (len(y), 1))),
+            "seconds_per_study": {k: float(np.mean(v)) for k, v in times.items()},
+            "models": {m: _metrics(y, np.stack(p)) for m, p in preds.items()},
+        }
+    return results
+
+
+def markdown(results: dict) -> str:
+    lines = []
+    for name, r in results.items():
+        kind = "SYNTHETIC" if r["synthetic"] else "real"
+        lines += [
+            f"**{name}** ({kind} data, {r['n_studies']} studies, {r['n_positive']} positive; "
+            f"prior-only rsna_score {r['prior_rsna_score']:.3f})",
+            "",
+            "| stage 2 | rsna_score (95% CI) | vertebra AUROC macro / pooled | patient AUROC | "
+            + " | ".join(f"AUROC {v}" for v in VERTEBRAE)
+            + " |",
+            "|---|---|---|---|" + "---|" * len(VERTEBRAE),
+        ]
+        for m, x in r["models"].items():
+            label = f"slice classifier, {m}" if m in AGGREGATORS else f"sequence model, {m}"
+            per = " | ".join(f"{x[f'auroc_{v}']:.2f}" for v in VERTEBRAE)
+            lo, hi = x["ci95"]
+            lines.append(
+                f"| {label} | {x['rsna_score']:.3f} ({lo:.3f}–{hi:.3f}) | {x['vertebra_auroc']:.3f} / "
+                f"{x['pooled_vertebra_auroc']:.3f} | "
+                f"{x['patient_auroc']:.3f} | {per} |"
+            )
+        t = r["seconds_per_study"]
+        seq = "; ".join(
+            f"sequence model {k} {v:.3f}" for k, v in t.items() if k not in ("stage1", "slice_stage2")
+        )
+        lines += [
+            "",
+            f"Inference per study (s, mean): stage 1 {t['stage1']:.3f}; stage 2: slice classifier "
+            f"{t['slice_stage2']:.3f} (+ aggregation); {seq}.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage1", required=True)
+    ap.add_argument("--slice", required=True, help="FractureClassifier checkpoint")
+    ap.add_argument(
+        "--seq", action="append", required=True, help="NAME=VertebraSequenceClassifier checkpoint"
+    )
+    ap.add_argument("--eval", action="append", required=True, help="NAME=ROOT[:FOLD] (no fold: all studies)")
+    ap.add_argument("--prior-root", help="labelled folder for the prior when the evaluated one has no others")
+    ap.add_argument("--n-folds", type=int, default=5)
+    ap.add_argument("--fold-seed", type=int, default=42)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    results = compare(args)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
