@@ -27,8 +27,13 @@ RECIPES = {  # as in conf/experiment/*_b5.yaml: input 384², 2.5D channels, batc
 
 def build(name: str, compile_: bool) -> torch.nn.Module:
     r = RECIPES[name]
-    kw = dict(backbone={"name": "tf_efficientnet_b5", "drop_path_rate": 0.2}, in_chans=r["in_chans"],
-              optimizer=partial(torch.optim.AdamW, lr=3e-4), channels_last=True, compile=compile_)
+    kw = dict(
+        backbone={"name": "tf_efficientnet_b5", "drop_path_rate": 0.2},
+        in_chans=r["in_chans"],
+        optimizer=partial(torch.optim.AdamW, lr=3e-4),
+        channels_last=True,
+        compile=compile_,
+    )
     if r["cls"] is FractureClassifier:
         kw.update(num_meta=NUM_FEATURES, fusion="gate")
     return r["cls"](**kw).cuda()
@@ -37,8 +42,10 @@ def build(name: str, compile_: bool) -> torch.nn.Module:
 def batch(name: str) -> dict[str, torch.Tensor]:
     r = RECIPES[name]
     b, s = r["batch"], r["size"]
-    out = {"image": torch.rand(b, r["in_chans"], s, s, device="cuda"),
-           "target": (torch.rand(b, 7, device="cuda") > 0.8).float()}
+    out = {
+        "image": torch.rand(b, r["in_chans"], s, s, device="cuda"),
+        "target": (torch.rand(b, 7, device="cuda") > 0.8).float(),
+    }
     if name.startswith("fracture"):
         out.update(meta=torch.randn(b, NUM_FEATURES, device="cuda"), weight=torch.ones(b, 7, device="cuda"))
     else:
@@ -75,9 +82,14 @@ def train_rate(name: str, compile_: bool, warmup: int, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    return {"recipe": name, "compile": compile_, "train_images_per_s": round(steps * x["image"].shape[0] / dt, 1),
-            "warmup_s": round(warm_s, 1), "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "loss_finite": bool(torch.isfinite(loss).item())}
+    return {
+        "recipe": name,
+        "compile": compile_,
+        "train_images_per_s": round(steps * x["image"].shape[0] / dt, 1),
+        "warmup_s": round(warm_s, 1),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "loss_finite": bool(torch.isfinite(loss).item()),
+    }
 
 
 @torch.inference_mode()
