@@ -58,7 +58,14 @@ def submission_frame(test: pd.DataFrame, predictions: dict[str, np.ndarray]) -> 
 
 def _predictor(cfg: DictConfig) -> Predictor:
     s1, s2 = stage_checkpoints(cfg.get("run_dir"), cfg.ckpt.stage1, cfg.ckpt.stage2)
-    return Predictor(s1, s2, device=cfg.device, batch_size=cfg.batch_size)
+    return Predictor(
+        s1,
+        s2,
+        device=cfg.device,
+        batch_size=cfg.batch_size,
+        num_threads=cfg.get("num_threads"),
+        channels_last=cfg.get("channels_last", False),
+    )
 
 
 def write_report(
