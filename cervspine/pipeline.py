@@ -23,8 +23,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import cervspine.config  # noqa: F401
 from cervspine.data.cache import CachedStudy, CacheParams
+from cervspine.data.stage1_table import vertebra_extents
 from cervspine.inference import Predictor, stage1_frame
-from cervspine.io.rsna import RsnaIndex
+from cervspine.io.rsna import RsnaIndex, write_csv_atomic
 from cervspine.preprocess import preprocess
 from cervspine.runinfo import data_fingerprint, write_json_atomic
 from cervspine.runs import best_checkpoint
@@ -116,6 +117,9 @@ def stage1_inference(stage1_ckpt: Path, cache_dir: Path, uids: list[str], out: P
     tmp = out.with_name(f".{out.name}.tmp")
     table.to_parquet(tmp, index=False)
     tmp.replace(out)
+    write_csv_atomic(
+        vertebra_extents(table), out.with_name("vertebra_extents.csv")
+    )  # first/last slice per level
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -68,6 +68,8 @@ def test_stage1_table_has_one_row_per_slice_of_every_study(pipeline_run, tiny_ro
     per_study = read_stage1(out / "stage1_predictions.parquet")
     folders = [*(tiny_root / "train_images").iterdir(), *(tiny_root / "test_images").iterdir()]
     assert set(per_study) == {p.name for p in folders}
+    extents = pd.read_csv(out / "vertebra_extents.csv", dtype={"StudyInstanceUID": str})
+    assert len(extents) == 7 * len(folders)
     for folder in folders:
         vis, boxes = per_study[folder.name]
         assert len(vis) == len(list(folder.glob("*.dcm")))
