@@ -31,16 +31,20 @@ from cervspine.preprocess import preprocess
 from cervspine.runs import is_synthetic
 
 
+def _pooled_auroc(y: np.ndarray, p: np.ndarray) -> float:
+    """AUROC over all (study, vertebra) pairs: rewards knowing which levels fracture most, too."""
+    n = len(VERTEBRAE)
+    return float(binary_auroc(torch.from_numpy(p[:, :n].ravel()), torch.from_numpy(y[:, :n].ravel()).long()))
+
+
 def _metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     r = classification_report(y, p)
     lo, hi = bootstrap_ci(y, p, rsna_score, n=500)
-    n = len(VERTEBRAE)
-    pooled = binary_auroc(torch.from_numpy(p[:, :n].ravel()), torch.from_numpy(y[:, :n].ravel()).long())
     return {
         "rsna_score": r["rsna_score"],
         "ci95": [lo, hi],
         "vertebra_auroc": r["macro"]["auroc"],
-        "pooled_vertebra_auroc": float(pooled),
+        "pooled_vertebra_auroc": _pooled_auroc(y, p),
         "patient_auroc": r["patient_overall"]["auroc"],
         **{f"auroc_{v}": r[v]["auroc"] for v in VERTEBRAE},
     }
@@ -56,7 +60,7 @@ def compare(args: argparse.Namespace) -> dict:
     size = slice_pred.data1.extra["image_size"]
     results = {}
     for spec in args.eval:
-        name, rest = spec.split("=", 1)
+        set_name, rest = spec.split("=", 1)
         root, _, fold = rest.partition(":")
         index = RsnaIndex.from_root(root)
         uids, others = select_studies(index, int(fold) if fold else None, args.n_folds, args.fold_seed)
@@ -82,13 +86,14 @@ def compare(args: argparse.Namespace) -> dict:
                 t2 = time.perf_counter()
                 preds[name].append(predictor.run_stage2_sequence(study, vis, boxes)[0])
                 times[name].append(time.perf_counter() - t2)
-        results[name] = {
+        results[set_name] = {
             "root": root,
             "fold": fold or None,
             "n_studies": len(uids),
             "n_positive": int(y[:, -1].sum()),
             "synthetic": is_synthetic(root),
             "prior_rsna_score": rsna_score(y, np.tile(prior, (len(y), 1))),
+            "prior_pooled_vertebra_auroc": _pooled_auroc(y, np.tile(prior, (len(y), 1))),
             "seconds_per_study": {k: float(np.mean(v)) for k, v in times.items()},
             "models": {m: _metrics(y, np.stack(p)) for m, p in preds.items()},
         }
@@ -101,7 +106,8 @@ def markdown(results: dict) -> str:
         kind = "SYNTHETIC" if r["synthetic"] else "real"
         lines += [
             f"**{name}** ({kind} data, {r['n_studies']} studies, {r['n_positive']} positive; "
-            f"prior-only rsna_score {r['prior_rsna_score']:.3f})",
+            f"prior-only rsna_score {r['prior_rsna_score']:.3f}, pooled vertebra AUROC "
+            f"{r['prior_pooled_vertebra_auroc']:.3f})",
             "",
             "| stage 2 | rsna_score (95% CI) | vertebra AUROC macro / pooled | patient AUROC | "
             + " | ".join(f"AUROC {v}" for v in VERTEBRAE)
