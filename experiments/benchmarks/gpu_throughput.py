@@ -63,25 +63,22 @@ def train_rate(name: str, compile_: bool, warmup: int, steps: int) -> dict:
     model = build(name, compile_)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
     x = batch(name)
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_of(model, name, x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    warm_s = time.perf_counter() - t0
+
+    def run(n: int) -> tuple[float, torch.Tensor]:
+        """n optimizer steps; (seconds, last loss)."""
+        t0 = time.perf_counter()
+        for _ in range(n):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = loss_of(model, name, x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0, loss
+
+    warm_s, _ = run(warmup)
     torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_of(model, name, x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
+    dt, loss = run(steps)
     return {
         "recipe": name,
         "compile": compile_,
