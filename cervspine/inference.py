@@ -179,7 +179,10 @@ class Predictor:
                     f"stage 1 ({stage1_ckpt}) and stage 2 ({stage2_ckpt}) were trained on caches "
                     f"of different image_size: {hp1.get('image_size')} vs {hp2.get('image_size')}"
                 )
-        self.aggregation = dict(aggregation or getattr(self.stage2, "aggregation", None) or {})
+        trained = dict(getattr(self.stage2, "aggregation", None) or {})
+        self.aggregation = dict(aggregation or trained)
+        # the checkpoint's calibration was fitted on its own aggregation's outputs
+        self.calibrated = hasattr(self.stage2, "calibrate") and self.aggregation == trained
         if channels_last:
             for model in (self.stage1, self.stage2):
                 if model is not None:
@@ -284,7 +287,7 @@ class Predictor:
         t0 = time.perf_counter()
         if len(z):
             agg, _ = aggregate_slices(probs, vis2[z], np.zeros(len(z)), z, **self.aggregation)
-            final = agg[0]
+            final = self.stage2.calibrate(agg)[0] if self.calibrated else agg[0]
         else:  # no cervical level found: the study cannot be scored
             raise RuntimeError(f"{study.uid}: stage 1 found no cervical vertebra on any slice")
         t["aggregate"] = time.perf_counter() - t0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -89,8 +90,19 @@ def test_validation_scores_studies_and_checkpoints_on_rsna_score(tiny_root, tmp_
     with hydra_config("train", _short(tiny_root, 1), tmp_path) as cfg:
         metrics, objects = train(cfg)
     assert 0 < metrics["val/rsna_score"] < 10
+    assert 0 < metrics["val/rsna_score_uncalibrated"] < 10
     assert objects["summary"]["monitor"] == "val/rsna_score"
-    assert Path(objects["summary"]["best_model_path"]).is_file()
+    best = Path(objects["summary"]["best_model_path"])
+    assert best.is_file()
+    # the study calibration fitted on the fold travels in the checkpoint and is what inference applies
+    from cervspine.calibration import IDENTITY
+    from cervspine.inference import load_stage
+
+    saved = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]["study_calibration"]
+    assert saved.shape == (4,) and tuple(saved.tolist()) != IDENTITY
+    model, _ = load_stage(best, None, torch.device("cpu"))
+    p = torch.full((1, 8), 0.3).numpy()
+    assert not np.allclose(model.calibrate(p), p)
 
 
 def test_same_seed_repeats_a_cpu_run_exactly(tiny_root, tmp_path):

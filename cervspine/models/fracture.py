@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torchmetrics import CatMetric
 
 from cervspine import TARGETS, VERTEBRAE
-from cervspine.aggregate import AGGREGATORS, aggregate_study
+from cervspine.aggregate import AGGREGATORS, DEFAULT_EPS, aggregate_study
+from cervspine.calibration import IDENTITY, StudyCalibration, cross_fitted
 from cervspine.metrics import classification_report
 from cervspine.models.backbones import create_backbone
 from cervspine.models.losses import competition_loss
@@ -59,6 +60,7 @@ class FractureClassifier(OptimizedModule):
         aux_vertebra_weight: float = 0.0,
         focal_gamma: float = 0.0,
         aggregation: dict[str, Any] | None = None,
+        calibration: bool = True,
         channels_last: bool = False,
         compile: bool = False,
     ):
@@ -75,6 +77,9 @@ class FractureClassifier(OptimizedModule):
         self.vertebra_head = nn.Linear(feat_dim, len(VERTEBRAE)) if aux_vertebra_weight > 0 else None
         self.aux_vertebra_weight, self.focal_gamma = aux_vertebra_weight, focal_gamma
         self.aggregation = dict(aggregation or {"method": "topk_mean", "overall": "noisy_or"})
+        # study-level Platt scaling fitted on each validation epoch; saved with the weights
+        self.calibration = bool(calibration)
+        self.register_buffer("study_calibration", torch.tensor(IDENTITY, dtype=torch.float64))
         self.optimizer_factory, self.scheduler_cfg = optimizer, scheduler
         self.channels_last = channels_last
         if compile:
@@ -130,12 +135,21 @@ class FractureClassifier(OptimizedModule):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or not len(study) or self.trainer.sanity_checking:
             return
-        preds, seen = aggregate_slices(probs, vis, study, sl, **self.aggregation)
+        raw, seen = aggregate_slices(probs, vis, study, sl, **self.aggregation)
         uids = [dm.val_uids[i] for i in seen]
         y = dm.labels(uids)
+        preds = raw
+        if self.calibration:
+            # the logged score: each study calibrated by a fit on the fold's other studies; the saved
+            # calibration: fitted on the whole fold, for inference on other studies
+            preds = np.clip(cross_fitted(y, raw), DEFAULT_EPS, 1 - DEFAULT_EPS)
+            fitted = StudyCalibration.fit(y, raw).params
+            self.study_calibration.copy_(torch.tensor(fitted, dtype=torch.float64))
         self.last_val_predictions = (uids, preds, y)
         report = classification_report(y, preds)
         logged = {"val/rsna_score": report["rsna_score"]}
+        if self.calibration:
+            logged["val/rsna_score_uncalibrated"] = classification_report(y, raw)["rsna_score"]
         for t in TARGETS:
             for k in ("auroc", "f1", "accuracy"):
                 v = report[t][k]
@@ -146,6 +160,11 @@ class FractureClassifier(OptimizedModule):
             if np.isfinite(v):
                 logged[f"val/{k}_macro"] = v
         self.log_dict({k: float(v) for k, v in logged.items()}, rank_zero_only=True)
+
+    def calibrate(self, study_probs: np.ndarray) -> np.ndarray:
+        """(n, 8) aggregated study probabilities → calibrated ones (identity before any validation)."""
+        cal = StudyCalibration(tuple(float(v) for v in self.study_calibration.tolist()))
+        return np.clip(cal(study_probs), DEFAULT_EPS, 1 - DEFAULT_EPS)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         out = self(batch["image"], batch.get("meta"))
