@@ -31,9 +31,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
-def fit_platt(
-    y: np.ndarray, p: np.ndarray, w: np.ndarray, ridge: float = 1e-2
-) -> tuple[float, float]:
+def fit_platt(y: np.ndarray, p: np.ndarray, w: np.ndarray, ridge: float = 1e-2) -> tuple[float, float]:
     """(a, b) minimising Σ w·logloss(y, σ(a·logit(p) + b)) / Σ w + ridge·((a − 1)² + b²)."""
     y, x, w = (np.asarray(v, dtype=np.float64).ravel() for v in (y, _logit(p), w))
     if y.size == 0:
