@@ -1,11 +1,16 @@
-"""OmegaConf resolvers used by conf/ (registered on import by every entry point)."""
+"""OmegaConf resolvers used by conf/ (registered on import by every entry point), and composing an entry
+point's config outside its command line (tests, benchmarks, notebooks)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def _in_chans(context: int, windows) -> int:
@@ -50,3 +55,26 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+
+
+@contextlib.contextmanager
+def composed(config_name: str, overrides: list[str], output_dir: Path) -> Iterator[DictConfig]:
+    """Compose ``conf/<config_name>.yaml`` as the entry point would, with its run dir at ``output_dir``
+    (what the entry points' ``train(cfg)``/``run(cfg)`` functions take)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(output_dir)
+            cfg.hydra.job.num = 0
+        HydraConfig().set_config(cfg)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+            cfg.paths.log_dir = str(output_dir / "logs")
+            del cfg["hydra"]
+        yield cfg
+    GlobalHydra.instance().clear()

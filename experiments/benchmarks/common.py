@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cervspine.config import composed as hydra_config
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCH_DATA = Path(os.environ.get("CERVSPINE_BENCH_DATA", ROOT / "data" / "bench"))
 CONF = ROOT / "conf"
@@ -280,31 +282,6 @@ def config_key(*files: str | Path) -> str:
         p = CONF / f if not Path(f).is_absolute() else Path(f)
         h.update(p.read_bytes())
     return h.hexdigest()[:10]
-
-
-@contextlib.contextmanager
-def hydra_config(config_name: str, overrides: list[str], output_dir: Path) -> Iterator[Any]:
-    """Compose ``conf/<config_name>.yaml`` as the entry point would, with its run dir at ``output_dir``."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    import cervspine.config  # noqa: F401  (resolvers)
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(output_dir)
-            cfg.hydra.job.num = 0
-        HydraConfig().set_config(cfg)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir)
-            cfg.paths.log_dir = str(output_dir / "logs")
-            del cfg["hydra"]
-        yield cfg
-    GlobalHydra.instance().clear()
 
 
 DEMO_STAGES = {"stage1": "vertebrae_demo", "stage2": "fracture_demo"}
