@@ -63,6 +63,13 @@ def score(
     }
 
 
+def _own_validation_fold(predictor: Predictor, root: str | Path, fold: int | None) -> bool:
+    """Whether ``root``/``fold`` is the fold stage 2 validated (and calibrated) on."""
+    hp = predictor.data2.extra if predictor.data2 is not None else {}
+    same_root = Path(str(hp.get("root", ""))).resolve() == Path(root).resolve()
+    return same_root and fold is not None and hp.get("fold") is not None and int(hp["fold"]) == int(fold)
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Entry point body (tests and the pipeline call it)."""
     out_dir = Path(cfg.paths.output_dir)
@@ -92,6 +99,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     )
     if not others:
         metrics["note"] += " Prior baseline computed in-sample (no held-out split)."
+    if predictor.calibrated and _own_validation_fold(predictor, cfg.data.root, fold):
+        metrics["note"] += (
+            " Stage 2's study calibration (4 parameters) was fitted on these same studies; its"
+            " cross-fitted validation score is val/rsna_score in the training logs."
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "metrics.json", metrics)
     table = pd.DataFrame(p, columns=list(TARGETS))

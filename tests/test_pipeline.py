@@ -53,6 +53,7 @@ def test_pipeline_ends_with_submission_and_metrics(pipeline_run, tiny_root):
     assert sub["fractured"].notna().all() and ((sub["fractured"] > 0) & (sub["fractured"] < 1)).all()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["data"] == "synthetic" and "SYNTHETIC" in metrics["note"]
+    assert "fitted on these same studies" in metrics["note"]  # stage 2 calibrated on this fold
     assert np.isfinite(metrics["rsna_score"]) and metrics["n_studies"] >= 1
     for uid in test["StudyInstanceUID"].unique():
         record = json.loads((out / "studies" / f"{uid}.json").read_text())
