@@ -2,7 +2,10 @@
 
 Both use the same stage-1 checkpoint and the inference path of ``cervspine.evaluate`` (Predictor): per
 study, stage 1 runs once, then each stage-2 model; the slice model's per-slice outputs are aggregated
-with every method. Writes a JSON of the metrics and prints a Markdown table.
+with every method. Scores are of the raw study probabilities; with ``--calibrate-on NAME`` every model
+also gets a study calibration (``cervspine.calibration``) fitted on that evaluation set's predictions,
+applied to the other sets and cross-fitted on that set itself. Writes a JSON of the metrics and prints a
+Markdown table.
 
     python -m experiments.stage2_comparison --stage1 S1.ckpt --slice S2.ckpt --seq NAME=SEQ.ckpt \\
         --eval fold0=/tmp/cmp/train:0 --eval holdout=/tmp/cmp/holdout --out results.json
@@ -21,6 +24,7 @@ from torchmetrics.functional.classification import binary_auroc
 
 from cervspine import TARGETS, VERTEBRAE
 from cervspine.aggregate import AGGREGATORS
+from cervspine.calibration import StudyCalibration, cross_fitted
 from cervspine.data.cache import CachedStudy, CacheParams
 from cervspine.evaluate import select_studies
 from cervspine.inference import Predictor
@@ -96,8 +100,24 @@ def compare(args: argparse.Namespace) -> dict:
             "prior_pooled_vertebra_auroc": _pooled_auroc(y, np.tile(prior, (len(y), 1))),
             "seconds_per_study": {k: float(np.mean(v)) for k, v in times.items()},
             "models": {m: _metrics(y, np.stack(p)) for m, p in preds.items()},
+            "_raw": (y, {m: np.stack(p) for m, p in preds.items()}),
         }
+    if args.calibrate_on:
+        add_calibrated_scores(results, args.calibrate_on)
+    for r in results.values():
+        r.pop("_raw")
     return results
+
+
+def add_calibrated_scores(results: dict, fit_set: str) -> None:
+    """``rsna_score_calibrated`` per model: calibrations fitted on ``fit_set`` (cross-fitted there)."""
+    y_fit, p_fit = results[fit_set]["_raw"]
+    for name, r in results.items():
+        y, preds = r["_raw"]
+        for m, p in preds.items():
+            cal = cross_fitted(y, p) if name == fit_set else StudyCalibration.fit(y_fit, p_fit[m])(p)
+            r["models"][m]["rsna_score_calibrated"] = rsna_score(y, np.clip(cal, 1e-4, 1 - 1e-4))
+        r["calibration_fitted_on"] = fit_set
 
 
 def markdown(results: dict) -> str:
@@ -109,17 +129,19 @@ def markdown(results: dict) -> str:
             f"prior-only rsna_score {r['prior_rsna_score']:.3f}, pooled vertebra AUROC "
             f"{r['prior_pooled_vertebra_auroc']:.3f})",
             "",
-            "| stage 2 | rsna_score (95% CI) | vertebra AUROC macro / pooled | patient AUROC | "
-            + " | ".join(f"AUROC {v}" for v in VERTEBRAE)
-            + " |",
-            "|---|---|---|---|" + "---|" * len(VERTEBRAE),
+            "| stage 2 | rsna_score raw (95% CI) | calibrated | vertebra AUROC macro / pooled | "
+            "patient AUROC | " + " | ".join(f"AUROC {v}" for v in VERTEBRAE) + " |",
+            "|---|---|---|---|---|" + "---|" * len(VERTEBRAE),
         ]
         for m, x in r["models"].items():
             label = f"slice classifier, {m}" if m in AGGREGATORS else f"sequence model, {m}"
             per = " | ".join(f"{x[f'auroc_{v}']:.2f}" for v in VERTEBRAE)
             lo, hi = x["ci95"]
+            cal = x.get("rsna_score_calibrated")
+            cal_text = f"{cal:.3f}" if cal is not None else "–"
             lines.append(
-                f"| {label} | {x['rsna_score']:.3f} ({lo:.3f}–{hi:.3f}) | {x['vertebra_auroc']:.3f} / "
+                f"| {label} | {x['rsna_score']:.3f} ({lo:.3f}–{hi:.3f}) | {cal_text} | "
+                f"{x['vertebra_auroc']:.3f} / "
                 f"{x['pooled_vertebra_auroc']:.3f} | "
                 f"{x['patient_auroc']:.3f} | {per} |"
             )
@@ -144,6 +166,7 @@ def main() -> None:
         "--seq", action="append", required=True, help="NAME=VertebraSequenceClassifier checkpoint"
     )
     ap.add_argument("--eval", action="append", required=True, help="NAME=ROOT[:FOLD] (no fold: all studies)")
+    ap.add_argument("--calibrate-on", help="NAME of an --eval set to fit study calibrations on")
     ap.add_argument("--prior-root", help="labelled folder for the prior when the evaluated one has no others")
     ap.add_argument("--n-folds", type=int, default=5)
     ap.add_argument("--fold-seed", type=int, default=42)
