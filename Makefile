@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= data/synthetic_demo
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test test-slow bench lint format fuzz clean browser
+.PHONY: help install demo demo-quality print-demo-synth test test-slow bench lint format fuzz clean browser
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -26,6 +26,12 @@ DEMO_ARGS ?=
 demo: $(STAMP) ## synthesize an RSNA-format folder (once), then run the whole pipeline on it
 	@test -f $(DEMO_DIR)/synthetic_manifest.csv || $(PY) -m cervspine.synthesize out=$(DEMO_DIR) $(DEMO_SYNTH)
 	WANDB_MODE=offline $(PY) -m cervspine.pipeline data.root=$(DEMO_DIR) experiment=demo $(DEMO_ARGS)
+
+print-demo-synth:
+	@echo $(DEMO_SYNTH)
+
+demo-quality: $(STAMP) ## score the last demo run on held-out synthetic studies (experiments/demo_quality.json)
+	$(PY) -m experiments.demo_quality
 
 browser: ## headless Chromium for the report browser test (root + apt-get only; failure ignored)
 	@if [ -x /usr/bin/chromium ]; then echo "chromium: present"; \
