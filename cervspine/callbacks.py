@@ -9,12 +9,40 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 
 class EMAWeightAveraging(WeightAveraging):
-    """Exponential moving average of the weights; validation and the saved model use the average."""
+    """Exponential moving average of the weights; validation and the saved model use the average.
+
+    Buffers that a module *sets* rather than learns (named in its ``pinned_buffers``: a training prior, a
+    sampling logit shift, a fitted calibration) are copied into the average as they are, not averaged:
+    an average of them would lag behind their current value (and start from their defaults).
+    """
 
     def __init__(self, decay: float = 0.999, **kwargs):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay), **kwargs)
+
+    def _pin(self, pl_module: L.LightningModule) -> None:
+        if self._average_model is None:
+            return
+        average = self._average_model.module
+        for name in getattr(pl_module, "pinned_buffers", ()):
+            getattr(average, name).copy_(getattr(pl_module, name))
+
+    def on_train_batch_end(self, trainer, pl_module, *args, **kwargs) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        self._pin(pl_module)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._pin(pl_module)
+        super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._pin(pl_module)
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._pin(pl_module)
+        super().on_train_end(trainer, pl_module)
 
 
 class ReportImagesCallback(Callback):

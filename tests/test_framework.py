@@ -150,3 +150,23 @@ def test_kfold_out_of_fold_predictions_gather_into_a_cv_score(tiny_root, tmp_pat
 def test_launcher_configs_compose(name, tiny_root, tmp_path):
     with hydra_config("train", [*_fracture(tiny_root), f"launcher={name}"], tmp_path) as cfg:
         assert cfg.experiment_name == "fracture_demo"
+
+
+def test_ema_saves_averaged_weights_with_the_fitted_calibration(tiny_root, tmp_path):
+    """callbacks=ema: the checkpoint holds the averaged weights, and the study calibration fitted at the
+    last validation as it is (an average of it would still sit near its identity default)."""
+    import torch
+
+    from cervspine.calibration import IDENTITY
+
+    ov = [*_fracture(tiny_root), "callbacks=ema", "callbacks.ema.decay=0.9", "trainer.max_epochs=2"]
+    ov += ["+trainer.limit_train_batches=3", "+trainer.limit_val_batches=2"]
+    with hydra_config("train", ov, tmp_path) as cfg:
+        train(cfg)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    averaged, current = ckpt["state_dict"], ckpt["current_model_state"]
+    weight = "fracture_head.weight"
+    assert not torch.equal(averaged[weight], current[weight])  # the average, not the last step
+    fitted = current["study_calibration"]
+    assert tuple(fitted.tolist()) != IDENTITY
+    assert torch.equal(averaged["study_calibration"], fitted)

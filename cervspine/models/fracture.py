@@ -45,6 +45,8 @@ class MetadataFusion(nn.Module):
 class FractureClassifier(OptimizedModule):
     """7 per-slice vertebra fracture logits (+ an 'any fracture' logit, + an optional visibility head)."""
 
+    pinned_buffers = ("study_calibration",)  # fitted, not learned: weight averaging copies it as is
+
     def __init__(
         self,
         backbone: dict[str, Any],

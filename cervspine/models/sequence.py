@@ -50,6 +50,8 @@ class AttentionPool(nn.Module):
 class VertebraSequenceClassifier(OptimizedModule):
     """One fracture logit per vertebra sequence (+ patient_overall from the 7 when ``study_head``)."""
 
+    pinned_buffers = ("prior", "logit_shift")  # set, not learned: weight averaging copies them as is
+
     def __init__(
         self,
         backbone: dict[str, Any],
