@@ -278,15 +278,17 @@ def _train_overrides(tiny_root: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_vertebra_sample_mode_with_box_mask_trains(tiny_root, tmp_path):
+def test_study_sample_mode_with_box_mask_trains(tiny_root, tmp_path):
+    """The other design: one study (7 sequences) per sample, patient_overall from the study head."""
     from cervspine.train import train
 
     ov = _train_overrides(
         tiny_root,
-        "data.sample=vertebra",
+        "data.sample=study",
+        "data.pos_fraction=null",
+        "data.batch_size=2",
         "data.mask=box",
-        "data.pos_fraction=0.5",
-        "model.study_head=false",
+        "model.study_head=true",
         "model.rnn=lstm",
         "trainer.max_epochs=1",
         "+trainer.limit_train_batches=2",
@@ -299,10 +301,11 @@ def test_vertebra_sample_mode_with_box_mask_trains(tiny_root, tmp_path):
     ckpt = torch.load(objects["summary"]["best_model_path"], map_location="cpu", weights_only=False)
     assert ckpt["model_class"] == "VertebraSequenceClassifier"
     assert ckpt["datamodule_hyper_parameters"]["n_slices"] == 4
+    assert "study_head.weight" in ckpt["state_dict"]
     dm = objects["datamodule"]
     expect = prior_baseline(dm.labels(dm.train_uids))  # absent vertebrae fall back to the training prior
     np.testing.assert_allclose(ckpt["state_dict"]["prior"].numpy(), expect, rtol=1e-6)
-    assert ckpt["state_dict"]["logit_shift"][0] > 0.5  # positives oversampled: evaluation undoes it
+    assert not ckpt["state_dict"]["logit_shift"].any()  # natural sampling: nothing to undo
 
 
 # ---- the pipeline with the sequence model --------------------------------------------------------
@@ -334,7 +337,12 @@ def seq_pipeline(tiny_root, tmp_path_factory):
 
 
 def test_pipeline_with_the_sequence_model(seq_pipeline, tiny_root):
+    from cervspine.runs import best_checkpoint
+
     out, _ = seq_pipeline
+    ckpt = torch.load(best_checkpoint(out / "stage2"), map_location="cpu", weights_only=False)
+    assert ckpt["datamodule_hyper_parameters"]["sample"] == "vertebra"
+    assert ckpt["state_dict"]["logit_shift"][0] > 0.5  # positives oversampled: evaluation undoes it
     sub = pd.read_csv(out / "submission.csv")
     test = pd.read_csv(tiny_root / "test.csv")
     assert sub["row_id"].tolist() == test["row_id"].tolist()
