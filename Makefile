@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEMO_DIR ?= data/synthetic_demo
+DEMO_DIR ?= data/synthetic_demo_v2
 PYTEST_ARGS ?=
 
 .PHONY: help install demo demo-quality print-demo-synth test test-slow bench lint format fuzz clean browser
@@ -20,7 +20,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP) ## create .venv and install cervspine with its test extras
 
-DEMO_SYNTH ?= n_train=150 n_test=10 size=128 seed=0 seg_fraction=0.3 workers=2
+# 128² keeps the demo on a CPU; its pixels (1.4–1.9 mm) are ~5× RSNA's, so the demo's breaks are drawn
+# 6–10 mm wide to span the 3–6 px that 1–2 mm breaks span at 512² (generator default: 1.5–4.5 mm)
+DEMO_SYNTH ?= n_train=150 n_test=10 size=128 seed=0 seg_fraction=0.3 workers=2 \
+	'fracture_gap_mm=[6,10]' 'fracture_shift_mm=[6,10]'
 DEMO_ARGS ?=
 
 demo: $(STAMP) ## synthesize an RSNA-format folder (once), then run the whole pipeline on it
@@ -31,7 +34,7 @@ print-demo-synth:
 	@echo $(DEMO_SYNTH)
 
 demo-quality: $(STAMP) ## score the last demo run on held-out synthetic studies (experiments/demo_quality.json)
-	$(PY) -m experiments.demo_quality
+	$(PY) -m experiments.demo_quality --train $(DEMO_DIR) --holdout $(DEMO_DIR)_holdout
 
 browser: ## headless Chromium for the report browser test (root + apt-get only; failure ignored)
 	@if [ -x /usr/bin/chromium ]; then echo "chromium: present"; \

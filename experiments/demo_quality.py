@@ -5,8 +5,8 @@ Synthesizes a held-out folder with the demo's generator settings and another see
 scores against the prior-only baseline: each target's prevalence in the demo's *training* folder as a
 constant prediction. Writes JSON and prints a Markdown summary. SYNTHETIC data throughout.
 
-    python -m experiments.demo_quality [--run outputs/pipeline/demo] [--train data/synthetic_demo]
-        [--holdout data/synthetic_holdout] [--n 60] [--out experiments/demo_quality.json]
+    python -m experiments.demo_quality [--run outputs/pipeline/demo] [--train data/synthetic_demo_v2]
+        [--holdout data/synthetic_demo_v2_holdout] [--n 60] [--out experiments/demo_quality.json]
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def run_evaluate(run: Path, holdout: Path, out: Path) -> pd.DataFrame:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, default=ROOT / "outputs/pipeline/demo")
-    ap.add_argument("--train", type=Path, default=ROOT / "data/synthetic_demo")
-    ap.add_argument("--holdout", type=Path, default=ROOT / "data/synthetic_holdout")
+    ap.add_argument("--train", type=Path, default=ROOT / "data/synthetic_demo_v2")
+    ap.add_argument("--holdout", type=Path, default=ROOT / "data/synthetic_demo_v2_holdout")
     ap.add_argument("--n", type=int, default=60, help="held-out studies to synthesize")
     ap.add_argument("--seed", type=int, default=1, help="generator seed of the held-out folder")
     ap.add_argument("--out", type=Path, default=ROOT / "experiments/demo_quality.json")

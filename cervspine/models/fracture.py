@@ -81,7 +81,7 @@ class FractureClassifier(OptimizedModule):
         self.aggregation = dict(aggregation or {"method": "topk_mean", "overall": "noisy_or"})
         # study-level Platt scaling fitted on each validation epoch; saved with the weights
         self.calibration = bool(calibration)
-        self.register_buffer("study_calibration", torch.tensor(IDENTITY, dtype=torch.float64))
+        self.register_buffer("study_calibration", torch.tensor(IDENTITY, dtype=torch.float32))
         self.optimizer_factory, self.scheduler_cfg = optimizer, scheduler
         self.channels_last = channels_last
         if compile:
@@ -146,7 +146,7 @@ class FractureClassifier(OptimizedModule):
             # calibration: fitted on the whole fold, for inference on other studies
             preds = np.clip(cross_fitted(y, raw), DEFAULT_EPS, 1 - DEFAULT_EPS)
             fitted = StudyCalibration.fit(y, raw).params
-            self.study_calibration.copy_(torch.tensor(fitted, dtype=torch.float64))
+            self.study_calibration.copy_(torch.tensor(fitted, dtype=torch.float32))
         self.last_val_predictions = (uids, preds, y)
         report = classification_report(y, preds)
         logged = {"val/rsna_score": report["rsna_score"]}
