@@ -26,7 +26,7 @@ from cervspine.io.rsna import RsnaIndex, write_csv_atomic
 from cervspine.metrics import bootstrap_ci, classification_report, prior_baseline, rsna_score
 from cervspine.preprocess import preprocess
 from cervspine.runinfo import write_json_atomic
-from cervspine.runs import is_synthetic, stage_checkpoints
+from cervspine.runs import is_synthetic, stage_checkpoints, use_trained_image_size
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise RuntimeError(f"{cfg.data.root}: no labelled study to evaluate (fold={fold})")
     s1, s2 = stage_checkpoints(cfg.get("run_dir"), cfg.ckpt.stage1, cfg.ckpt.stage2)
     predictor = Predictor(s1, s2, device=cfg.device, batch_size=cfg.batch_size)
+    use_trained_image_size(cfg, predictor.image_size)
     cache_dir = Path(cfg.data.cache_dir)
     params = CacheParams(image_size=cfg.data.image_size, segmentation_method=cfg.data.segmentation_method)
     report = preprocess(index, cache_dir, params, workers=cfg.workers, splits=("train",), progress=False)

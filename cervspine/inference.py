@@ -189,6 +189,12 @@ class Predictor:
                     model.to(memory_format=torch.channels_last)
                     model.channels_last = True  # the modules' forward converts their input
 
+    @property
+    def image_size(self) -> int | None:
+        """The cache image size the stages were trained on (studies must be cached at this size)."""
+        size = self.data1.extra.get("image_size")
+        return None if size is None else int(size)
+
     def run_stage1(self, study: CachedStudy) -> tuple[np.ndarray, np.ndarray]:
         """(visibility (Z, 7), spine boxes (Z, 4), NaN where no cervical level passes 0.5)."""
         with torch_threads(self.num_threads):

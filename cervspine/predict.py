@@ -28,7 +28,7 @@ from cervspine.io import load_study
 from cervspine.io.rsna import RsnaIndex, write_csv_atomic
 from cervspine.preprocess import preprocess
 from cervspine.runinfo import write_json_atomic
-from cervspine.runs import is_synthetic, stage_checkpoints
+from cervspine.runs import is_synthetic, stage_checkpoints, use_trained_image_size
 
 log = logging.getLogger(__name__)
 EPS = 1e-4
@@ -82,8 +82,7 @@ def write_report(
 def predict_study_folder(cfg: DictConfig, predictor: Predictor | None = None) -> StudyPrediction:
     """One DICOM folder, read and scored in memory (nothing is written to the cache)."""
     predictor = predictor or _predictor(cfg)
-    size = predictor.data1.extra.get("image_size")
-    study = InMemoryStudy(load_study(cfg.study), CacheParams(image_size=size))
+    study = InMemoryStudy(load_study(cfg.study), CacheParams(image_size=predictor.image_size))
     pred = predictor.predict(study)
     out = Path(cfg.paths.output_dir)
     write_json_atomic(out / "studies" / f"{pred.uid}.json", study_record(pred))
@@ -99,6 +98,7 @@ def predict_folder(cfg: DictConfig, predictor: Predictor | None = None) -> Predi
     if index.test is None or not len(index.test):
         raise FileNotFoundError(f"{cfg.data.root}: no test.csv rows to predict")
     predictor = predictor or _predictor(cfg)
+    use_trained_image_size(cfg, predictor.image_size)
     out = Path(cfg.paths.output_dir)
     cache_dir = Path(cfg.data.cache_dir)
     params = CacheParams(image_size=cfg.data.image_size, segmentation_method=cfg.data.segmentation_method)

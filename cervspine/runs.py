@@ -1,9 +1,14 @@
-"""Locating the trained stages of a pipeline run folder."""
+"""Locating the trained stages of a pipeline run folder, and the data settings they imply."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+
+from omegaconf import DictConfig, open_dict
+
+log = logging.getLogger(__name__)
 
 STAGE_DIRS = {"stage1": "stage1", "stage2": "stage2"}
 
@@ -42,3 +47,12 @@ def stage_checkpoints(
 def is_synthetic(root: str | Path) -> bool:
     """True for folders made by ``cervspine.synthesize`` (they carry ``synthetic_manifest.csv``)."""
     return (Path(root) / "synthetic_manifest.csv").is_file()
+
+
+def use_trained_image_size(cfg: DictConfig, size: int | None) -> None:
+    """Set ``cfg.data.image_size`` (and with it the default ``data.cache_dir``) to the size the checkpoints
+    were trained on: scoring a cache of another size feeds the models other pixels than they learned on."""
+    if size is not None and int(cfg.data.image_size) != int(size):
+        log.info("data.image_size %s → %d (the checkpoints' size)", cfg.data.image_size, size)
+        with open_dict(cfg):
+            cfg.data.image_size = int(size)

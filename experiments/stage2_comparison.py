@@ -61,7 +61,7 @@ def compare(args: argparse.Namespace) -> dict:
         name, ckpt = spec.split("=", 1)
         seq_preds[name] = Predictor(args.stage1, ckpt, device=args.device)
         seq_preds[name].stage1 = slice_pred.stage1  # the same stage-1 module for all
-    size = slice_pred.data1.extra["image_size"]
+    size = slice_pred.image_size
     results = {}
     for spec in args.eval:
         set_name, rest = spec.split("=", 1)

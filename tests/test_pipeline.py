@@ -116,3 +116,17 @@ def test_predict_on_a_missing_test_study_writes_no_submission(pipeline_run, tiny
     assert list(result.failed) == [victim.name]
     assert len(result.predictions) == 1  # the other test study was still scored
     assert result.submission is None and not (tmp_path / "run" / "submission.csv").exists()
+
+
+def test_evaluate_scores_at_the_checkpoints_image_size(pipeline_run, tiny_root, tmp_path):
+    """No data.image_size given (the default is 256): evaluate caches and scores at the models' 64."""
+    from cervspine.evaluate import evaluate
+
+    out, _ = pipeline_run
+    copy = tmp_path / "labelled"
+    shutil.copytree(tiny_root, copy, ignore=shutil.ignore_patterns(".cervspine_cache"))
+    overrides = [f"data.root={copy}", f"run_dir={out}", "fold=null", "n_bootstrap=10"]
+    with hydra_config("evaluate", overrides, tmp_path / "run") as cfg:
+        metrics = evaluate(cfg)
+    assert sorted(p.name for p in (copy / ".cervspine_cache").iterdir()) == ["s64"]
+    assert metrics["n_studies"] == 12 and np.isfinite(metrics["rsna_score"])

@@ -114,7 +114,7 @@ def main() -> None:
     if args.quick:  # the Predictor as the benchmark's base and the naive loop only
         variants = {"fp32, 1 thread": variants["fp32, 1 thread"]}
     predictors = {name: predictor(**kw) for name, kw in variants.items()}
-    size = predictors["fp32, 1 thread"].data1.extra.get("image_size")
+    size = predictors["fp32, 1 thread"].image_size
     params = CacheParams(image_size=size)
     template = load_study(folder)  # geometry + metadata for the naive path's InMemoryStudy
 
