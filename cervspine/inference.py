@@ -224,33 +224,49 @@ class Predictor:
         self, study: CachedStudy, vis: np.ndarray, boxes: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """(slice indices, (n, 7) fracture probabilities) for the slices that show a cervical level."""
-        d, hp = self.data2, self.data2.extra
-        z_all = np.flatnonzero(vis.max(axis=1) >= float(hp.get("visible_threshold", 0.5)))
+        z_all = np.flatnonzero(vis.max(axis=1) >= float(self.data2.extra.get("visible_threshold", 0.5)))
         if not len(z_all):
             return z_all, np.zeros((0, len(VERTEBRAE)), dtype=np.float32)
-        crops = crop_track(
-            boxes, margin=float(hp.get("crop_margin", 0.25)), min_size=float(hp.get("min_crop", 0.15))
-        )
-        win = windowed_volume(study.volume, d.windows)  # (Z, nW, H, W)
-        sf = study_features(study.meta)
-        h, w = win.shape[2:]
+        win = windowed_volume(study.volume, self.data2.windows)  # (Z, nW, H, W), once per study
         probs = []
         for start in range(0, len(z_all), self.batch_size):
-            zs = z_all[start : start + self.batch_size]
-            imgs, metas = [], []
-            for z in zs:
-                y0, x0, y1, x1 = crop_pixels(crops[z], h, w)
-                idx = np.clip(z + d.offsets, 0, study.num_slices - 1)
-                patch = win[idx][:, :, y0:y1, x0:x1]  # (K, nW, h', w')
-                hwc = patch.transpose(1, 0, 2, 3).reshape(-1, y1 - y0, x1 - x0).transpose(1, 2, 0)
-                imgs.append(resize_hwc(np.ascontiguousarray(hwc), d.input_size).transpose(2, 0, 1))
-                metas.append(np.concatenate([slice_features(int(z), study.num_slices, vis[z]), sf]))
-            x = torch.from_numpy(np.stack(imgs)).to(self.device)
-            m = torch.from_numpy(np.stack(metas).astype(np.float32)).to(self.device)
+            x, m, _ = self._stage2_inputs(study, win, vis, boxes, z_all[start : start + self.batch_size])
             with _autocast(self.device, self.precision):
                 out = self.stage2(x, m)
             probs.append(torch.sigmoid(out["fracture"].float()).cpu().numpy())
         return z_all, np.concatenate(probs)
+
+    def stage2_inputs(
+        self, study: CachedStudy, vis: np.ndarray, boxes: np.ndarray, zs: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int, int]]]:
+        """The slice classifier's inputs for slices ``zs`` from raw stage-1 outputs, exactly as
+        :meth:`predict` builds them: (images (n, C, S, S), metadata (n, M), pixel crop boxes (y0, x0,
+        y1, x1) in the cached slice). For Grad-CAM and other looks inside stage 2."""
+        vis = normalize_visibility(vis, self.data2.extra.get("visibility_norm", "none"))
+        win = windowed_volume(study.volume, self.data2.windows)
+        return self._stage2_inputs(study, win, vis, boxes, np.asarray(zs, dtype=int))
+
+    def _stage2_inputs(
+        self, study: CachedStudy, win: np.ndarray, vis: np.ndarray, boxes: np.ndarray, zs: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int, int]]]:
+        d, hp = self.data2, self.data2.extra
+        crops = crop_track(
+            boxes, margin=float(hp.get("crop_margin", 0.25)), min_size=float(hp.get("min_crop", 0.15))
+        )
+        sf = study_features(study.meta)
+        h, w = win.shape[2:]
+        imgs, metas, pix = [], [], []
+        for z in zs:
+            y0, x0, y1, x1 = crop_pixels(crops[z], h, w)
+            idx = np.clip(z + d.offsets, 0, study.num_slices - 1)
+            patch = win[idx][:, :, y0:y1, x0:x1]  # (K, nW, h', w')
+            hwc = patch.transpose(1, 0, 2, 3).reshape(-1, y1 - y0, x1 - x0).transpose(1, 2, 0)
+            imgs.append(resize_hwc(np.ascontiguousarray(hwc), d.input_size).transpose(2, 0, 1))
+            metas.append(np.concatenate([slice_features(int(z), study.num_slices, vis[z]), sf]))
+            pix.append((y0, x0, y1, x1))
+        x = torch.from_numpy(np.stack(imgs)).to(self.device)
+        m = torch.from_numpy(np.stack(metas).astype(np.float32)).to(self.device)
+        return x, m, pix
 
     @torch.inference_mode()
     def run_stage2_sequence(

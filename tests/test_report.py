@@ -185,8 +185,8 @@ def test_gradcam_overlay_on_the_stage2_model(report_run, tiny_root, tmp_path):
     # the Grad-CAM inputs are exactly the ones stage 2 scored
     zs = np.array([k.slice_index for k in rep.key_slices])
     table = pred.slice_table
-    x, m, _ = saliency.stage2_inputs(
-        predictor, study, table[VIS_COLS].to_numpy(np.float32), table[BOX_COLS].to_numpy(np.float32), zs
+    x, m, _ = predictor.stage2_inputs(
+        study, table[VIS_COLS].to_numpy(np.float32), table[BOX_COLS].to_numpy(np.float32), zs
     )
     with torch.no_grad():
         probs = torch.sigmoid(predictor.stage2(x, m)["fracture"]).numpy()

@@ -15,13 +15,6 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from cervspine.data.cache import CachedStudy
-from cervspine.data.metadata import slice_features, study_features
-from cervspine.data.spine import crop_pixels, crop_track
-from cervspine.data.transforms import resize_hwc
-from cervspine.data.visibility import normalize_visibility
-from cervspine.inference import Predictor, windowed_volume
-
 
 class MetaBound(nn.Module):
     """``model(image, meta)["fracture"]`` as a one-input module (metadata fixed)."""
@@ -32,32 +25,6 @@ class MetaBound(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.model(image, self.meta)["fracture"]
-
-
-def stage2_inputs(
-    predictor: Predictor, study: CachedStudy, vis: np.ndarray, boxes: np.ndarray, zs: np.ndarray
-) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int, int]]]:
-    """The stage-2 inputs of slices ``zs``, built as :meth:`Predictor.run_stage2` builds them:
-    (images (n, C, S, S), metadata (n, M), pixel crop boxes (y0, x0, y1, x1) in the cached slice)."""
-    d, hp = predictor.data2, predictor.data2.extra
-    vis = normalize_visibility(vis, hp.get("visibility_norm", "none"))  # as Predictor.predict does
-    crops = crop_track(
-        boxes, margin=float(hp.get("crop_margin", 0.25)), min_size=float(hp.get("min_crop", 0.15))
-    )
-    sf = study_features(study.meta)
-    h, w = study.volume.shape[1:]
-    imgs, metas, pix = [], [], []
-    for z in np.asarray(zs, dtype=int):
-        y0, x0, y1, x1 = crop_pixels(crops[z], h, w)
-        idx = np.clip(z + d.offsets, 0, study.num_slices - 1)
-        patch = windowed_volume(study.slices(idx)[:, y0:y1, x0:x1], d.windows)  # (K, nW, h', w')
-        hwc = patch.transpose(1, 0, 2, 3).reshape(-1, y1 - y0, x1 - x0).transpose(1, 2, 0)
-        imgs.append(resize_hwc(np.ascontiguousarray(hwc), d.input_size).transpose(2, 0, 1))
-        metas.append(np.concatenate([slice_features(int(z), study.num_slices, vis[z]), sf]))
-        pix.append((y0, x0, y1, x1))
-    x = torch.from_numpy(np.stack(imgs)).to(predictor.device)
-    m = torch.from_numpy(np.stack(metas).astype(np.float32)).to(predictor.device)
-    return x, m, pix
 
 
 def find_target_layer(backbone: nn.Module, example: torch.Tensor, min_side: int = 4) -> tuple[str, nn.Module]:

@@ -285,9 +285,7 @@ def write_study_report(
     cams = np.zeros((0, 1, 1), dtype=np.float32)
     layer = None
     if key and isinstance(predictor.stage2, FractureClassifier):  # Grad-CAM needs the slice classifier
-        x, m, crops = saliency.stage2_inputs(
-            predictor, study, vis, boxes, np.array([k.slice_index for k in key])
-        )
+        x, m, crops = predictor.stage2_inputs(study, vis, boxes, np.array([k.slice_index for k in key]))
         for ks, c in zip(key, crops):
             ks.crop = c
         cams, layer = saliency.gradcam(predictor.stage2, x.float(), m, [k.vertebra for k in key])
