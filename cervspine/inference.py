@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,7 +230,8 @@ class Predictor:
         win = windowed_volume(study.volume, self.data2.windows)  # (Z, nW, H, W), once per study
         probs = []
         for start in range(0, len(z_all), self.batch_size):
-            x, m, _ = self._stage2_inputs(study, win, vis, boxes, z_all[start : start + self.batch_size])
+            zs = z_all[start : start + self.batch_size]
+            x, m, _ = self._stage2_inputs(study, win.__getitem__, vis, boxes, zs)
             with _autocast(self.device, self.precision):
                 out = self.stage2(x, m)
             probs.append(torch.sigmoid(out["fracture"].float()).cpu().numpy())
@@ -243,23 +244,32 @@ class Predictor:
         :meth:`predict` builds them: (images (n, C, S, S), metadata (n, M), pixel crop boxes (y0, x0,
         y1, x1) in the cached slice). For Grad-CAM and other looks inside stage 2."""
         vis = normalize_visibility(vis, self.data2.extra.get("visibility_norm", "none"))
-        win = windowed_volume(study.volume, self.data2.windows)
-        return self._stage2_inputs(study, win, vis, boxes, np.asarray(zs, dtype=int))
+
+        def windowed(idx: np.ndarray) -> np.ndarray:  # only the slices asked for, not the whole volume
+            return windowed_volume(study.slices(idx), self.data2.windows)
+
+        return self._stage2_inputs(study, windowed, vis, boxes, np.asarray(zs, dtype=int))
 
     def _stage2_inputs(
-        self, study: CachedStudy, win: np.ndarray, vis: np.ndarray, boxes: np.ndarray, zs: np.ndarray
+        self,
+        study: CachedStudy,
+        windowed: Callable[[np.ndarray], np.ndarray],
+        vis: np.ndarray,
+        boxes: np.ndarray,
+        zs: np.ndarray,
     ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int, int]]]:
+        """``windowed(slice indices)`` → (K, nW, H, W) windowed slices."""
         d, hp = self.data2, self.data2.extra
         crops = crop_track(
             boxes, margin=float(hp.get("crop_margin", 0.25)), min_size=float(hp.get("min_crop", 0.15))
         )
         sf = study_features(study.meta)
-        h, w = win.shape[2:]
+        h, w = study.volume.shape[1:]
         imgs, metas, pix = [], [], []
         for z in zs:
             y0, x0, y1, x1 = crop_pixels(crops[z], h, w)
             idx = np.clip(z + d.offsets, 0, study.num_slices - 1)
-            patch = win[idx][:, :, y0:y1, x0:x1]  # (K, nW, h', w')
+            patch = windowed(idx)[:, :, y0:y1, x0:x1]  # (K, nW, h', w')
             hwc = patch.transpose(1, 0, 2, 3).reshape(-1, y1 - y0, x1 - x0).transpose(1, 2, 0)
             imgs.append(resize_hwc(np.ascontiguousarray(hwc), d.input_size).transpose(2, 0, 1))
             metas.append(np.concatenate([slice_features(int(z), study.num_slices, vis[z]), sf]))
