@@ -26,6 +26,7 @@ from cervspine import TARGETS, VERTEBRAE
 from cervspine.aggregate import AGGREGATORS
 from cervspine.calibration import StudyCalibration, cross_fitted
 from cervspine.data.cache import CachedStudy, CacheParams
+from cervspine.data.visibility import normalize_visibility
 from cervspine.evaluate import select_studies
 from cervspine.inference import Predictor
 from cervspine.io.rsna import RsnaIndex
@@ -62,6 +63,7 @@ def compare(args: argparse.Namespace) -> dict:
         seq_preds[name] = Predictor(args.stage1, ckpt, device=args.device)
         seq_preds[name].stage1 = slice_pred.stage1  # the same stage-1 module for all
     size = slice_pred.image_size
+    norm = slice_pred.data2.extra.get("visibility_norm", "none")
     results = {}
     for spec in args.eval:
         set_name, rest = spec.split("=", 1)
@@ -80,12 +82,13 @@ def compare(args: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
             vis, boxes = slice_pred.run_stage1(study)
             t1 = time.perf_counter()
-            z, probs = slice_pred.run_stage2(study, vis, boxes)
+            vis2 = normalize_visibility(vis, norm)  # as Predictor.predict does for the slice model
+            z, probs = slice_pred.run_stage2(study, vis2, boxes)
             times["stage1"].append(t1 - t0)
             times["slice_stage2"].append(time.perf_counter() - t1)
             for m in AGGREGATORS:
                 agg = {**slice_pred.aggregation, "method": m}
-                preds[m].append(aggregate_slices(probs, vis[z], np.zeros(len(z)), z, **agg)[0][0])
+                preds[m].append(aggregate_slices(probs, vis2[z], np.zeros(len(z)), z, **agg)[0][0])
             for name, predictor in seq_preds.items():
                 t2 = time.perf_counter()
                 preds[name].append(predictor.run_stage2_sequence(study, vis, boxes)[0])
