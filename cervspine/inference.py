@@ -222,11 +222,14 @@ class Predictor:
     @torch.inference_mode()
     def run_stage2(
         self, study: CachedStudy, vis: np.ndarray, boxes: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(slice indices, (n, 7) fracture probabilities) for the slices that show a cervical level."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Slice classifier on raw stage-1 outputs: (slice indices, (n, 7) fracture probabilities) for the
+        slices that show a cervical level, and the (Z, 7) visibility normalised as stage 2 was trained
+        (what aggregation weighs the slices by)."""
+        vis = self._stage2_visibility(vis)
         z_all = np.flatnonzero(vis.max(axis=1) >= float(self.data2.extra.get("visible_threshold", 0.5)))
         if not len(z_all):
-            return z_all, np.zeros((0, len(VERTEBRAE)), dtype=np.float32)
+            return z_all, np.zeros((0, len(VERTEBRAE)), dtype=np.float32), vis
         win = windowed_volume(study.volume, self.data2.windows)  # (Z, nW, H, W), once per study
         probs = []
         for start in range(0, len(z_all), self.batch_size):
@@ -235,7 +238,10 @@ class Predictor:
             with _autocast(self.device, self.precision):
                 out = self.stage2(x, m)
             probs.append(torch.sigmoid(out["fracture"].float()).cpu().numpy())
-        return z_all, np.concatenate(probs)
+        return z_all, np.concatenate(probs), vis
+
+    def _stage2_visibility(self, vis: np.ndarray) -> np.ndarray:
+        return normalize_visibility(vis, self.data2.extra.get("visibility_norm", "none"))
 
     def stage2_inputs(
         self, study: CachedStudy, vis: np.ndarray, boxes: np.ndarray, zs: np.ndarray
@@ -243,7 +249,7 @@ class Predictor:
         """The slice classifier's inputs for slices ``zs`` from raw stage-1 outputs, exactly as
         :meth:`predict` builds them: (images (n, C, S, S), metadata (n, M), pixel crop boxes (y0, x0,
         y1, x1) in the cached slice). For Grad-CAM and other looks inside stage 2."""
-        vis = normalize_visibility(vis, self.data2.extra.get("visibility_norm", "none"))
+        vis = self._stage2_visibility(vis)
 
         def windowed(idx: np.ndarray) -> np.ndarray:  # only the slices asked for, not the whole volume
             return windowed_volume(study.slices(idx), self.data2.windows)
@@ -313,8 +319,7 @@ class Predictor:
         t0 = time.perf_counter()
         if self.cropper is not None:
             return self._predict_sequence(study, vis, boxes, t, t0)
-        vis2 = normalize_visibility(vis, self.data2.extra.get("visibility_norm", "none"))
-        z, probs = self.run_stage2(study, vis2, boxes)
+        z, probs, vis2 = self.run_stage2(study, vis, boxes)
         t["stage2"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if len(z):

@@ -26,7 +26,6 @@ from cervspine import TARGETS, VERTEBRAE
 from cervspine.aggregate import AGGREGATORS
 from cervspine.calibration import StudyCalibration, cross_fitted
 from cervspine.data.cache import CachedStudy, CacheParams
-from cervspine.data.visibility import normalize_visibility
 from cervspine.evaluate import select_studies
 from cervspine.inference import Predictor
 from cervspine.io.rsna import RsnaIndex
@@ -63,7 +62,6 @@ def compare(args: argparse.Namespace) -> dict:
         seq_preds[name] = Predictor(args.stage1, ckpt, device=args.device)
         seq_preds[name].stage1 = slice_pred.stage1  # the same stage-1 module for all
     size = slice_pred.image_size
-    norm = slice_pred.data2.extra.get("visibility_norm", "none")
     results = {}
     for spec in args.eval:
         set_name, rest = spec.split("=", 1)
@@ -82,8 +80,7 @@ def compare(args: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
             vis, boxes = slice_pred.run_stage1(study)
             t1 = time.perf_counter()
-            vis2 = normalize_visibility(vis, norm)  # as Predictor.predict does for the slice model
-            z, probs = slice_pred.run_stage2(study, vis2, boxes)
+            z, probs, vis2 = slice_pred.run_stage2(study, vis, boxes)
             times["stage1"].append(t1 - t0)
             times["slice_stage2"].append(time.perf_counter() - t1)
             for m in AGGREGATORS:
