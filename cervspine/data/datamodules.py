@@ -99,6 +99,36 @@ class RsnaDataModule(L.LightningDataModule):
         val = [u for u in uids if folds[u] == self.fold]
         return train, val
 
+    def labels(self, uids: Sequence[str]) -> np.ndarray:
+        """(n, 8) study labels C1..C7, patient_overall."""
+        return self.index.labels.loc[list(uids), list(TARGETS)].to_numpy(np.float32)
+
+    def has_geometry(self, uid: str) -> bool:
+        """Whether stage 2 can place the vertebrae of ``uid`` (stage-1 predictions or a segmentation)."""
+        return True
+
+    def usable(self, uids: Sequence[str]) -> list[str]:
+        """``uids`` that :meth:`has_geometry`, with a warning naming how many are skipped."""
+        ok = [u for u in uids if self.has_geometry(u)]
+        if len(ok) < len(uids):
+            log.warning(
+                "%d of %d studies have neither stage-1 predictions nor a segmentation; skipped",
+                len(uids) - len(ok),
+                len(uids),
+            )
+        return ok
+
+    def split_usable(self) -> None:
+        """``train_uids``/``val_uids``: this fold's split of the usable training studies (both non-empty)."""
+        uids = self.usable(sorted(self.index.train_uids))
+        if not uids:
+            raise RuntimeError(f"{self.root}: no training study has stage-1 predictions or a segmentation")
+        self.train_uids, self.val_uids = self.split(uids)
+        if not self.train_uids or not self.val_uids:
+            raise RuntimeError(
+                f"fold {self.fold}: {len(self.train_uids)} train / {len(self.val_uids)} val studies"
+            )
+
     def _loader(self, dataset, *, train: bool, sampler=None) -> DataLoader:
         return DataLoader(
             dataset,
@@ -208,29 +238,11 @@ class FractureDataModule(RsnaDataModule):
         presence = s.vertebra_presence(self.presence_threshold, self.presence_unit)
         return None if presence is None else (presence, s.spine_box)
 
-    def usable(self, uids: Sequence[str]) -> list[str]:
-        ok = [u for u in uids if self.visibility_and_boxes(u) is not None]
-        if len(ok) < len(uids):
-            log.warning(
-                "%d of %d studies have neither stage-1 predictions nor a segmentation; skipped",
-                len(uids) - len(ok),
-                len(uids),
-            )
-        return ok
+    def has_geometry(self, uid: str) -> bool:
+        return self.visibility_and_boxes(uid) is not None
 
     def setup(self, stage: str | None = None) -> None:
-        uids = self.usable(sorted(self.index.train_uids))
-        if not uids:
-            raise RuntimeError(f"{self.root}: no training study has stage-1 predictions or a segmentation")
-        self.train_uids, self.val_uids = self.split(uids)
-        if not self.train_uids or not self.val_uids:
-            raise RuntimeError(
-                f"fold {self.fold}: {len(self.train_uids)} train / {len(self.val_uids)} val studies"
-            )
-
-    def labels(self, uids: Sequence[str]) -> np.ndarray:
-        """(n, 8) study labels C1..C7, patient_overall."""
-        return self.index.labels.loc[list(uids), list(TARGETS)].to_numpy(np.float32)
+        self.split_usable()
 
     def slice_targets(self, uid: str, vis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-slice targets C_v × presence, refined by the study's bounding boxes; and loss weights.

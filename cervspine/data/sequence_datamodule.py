@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from cervspine import TARGETS, VERTEBRAE
+from cervspine import VERTEBRAE
 from cervspine.data.cache import CachedStudy
 from cervspine.data.datamodules import RsnaDataModule
 from cervspine.data.stage1_table import read_stage1
@@ -148,23 +148,11 @@ class VertebraSequenceDataModule(RsnaDataModule):
         self._geometry[uid] = StudyGeometry(vis, boxes, extents)
         return self._geometry[uid]
 
-    def setup(self, stage: str | None = None) -> None:
-        uids = sorted(self.index.train_uids)
-        ok = [u for u in uids if self.geometry(u) is not None]
-        if len(ok) < len(uids):
-            log.warning("%d of %d studies have neither stage-1 predictions nor a segmentation; skipped",
-                        len(uids) - len(ok), len(uids))  # fmt: skip
-        if not ok:
-            raise RuntimeError(f"{self.root}: no training study has stage-1 predictions or a segmentation")
-        self.train_uids, self.val_uids = self.split(ok)
-        if not self.train_uids or not self.val_uids:
-            raise RuntimeError(
-                f"fold {self.fold}: {len(self.train_uids)} train / {len(self.val_uids)} val studies"
-            )
+    def has_geometry(self, uid: str) -> bool:
+        return self.geometry(uid) is not None
 
-    def labels(self, uids: Sequence[str]) -> np.ndarray:
-        """(n, 8) study labels C1..C7, patient_overall."""
-        return self.index.labels.loc[list(uids), list(TARGETS)].to_numpy(np.float32)
+    def setup(self, stage: str | None = None) -> None:
+        self.split_usable()
 
     def dataset(self, uids: Sequence[str], *, train: bool = False) -> VertebraSequenceDataset:
         n_vert = len(VERTEBRAE)
