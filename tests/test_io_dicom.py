@@ -391,8 +391,10 @@ def test_zero_byte_and_truncated_slices(tmp_path):
     np.testing.assert_array_equal(study.volume, np.delete(expected, [2, 5], axis=0))
     assert sorted(study.metadata["dropped_files"]) == ["3.dcm", "6.dcm"]
     assert len(study.files) == 6 and files[2] not in study.files
-    with pytest.raises(StudyReadError, match=r"3\.dcm.*6\.dcm"):
+    with pytest.raises(StudyReadError, match=r"3\.dcm.*6\.dcm") as err:
         load_study(tmp_path / "s", max_missing_slices=1)
+    assert "1× empty file (e.g. 3.dcm)" in str(err.value)  # why each was dropped, not only which
+    assert "(e.g. 6.dcm)" in str(err.value)
     files[0].write_bytes(data[:300])  # cut inside the header
     with pytest.raises(StudyReadError, match=r"1\.dcm"):
         load_study(tmp_path / "s")

@@ -18,7 +18,7 @@ import importlib.util
 import os
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -391,13 +391,23 @@ def _gaps(ordered: list[_Header], z: np.ndarray) -> _Gaps:
     return _Gaps(dz, missing, descriptions)
 
 
-def _check_losses(folder: Path, lost: int, limit: int, dropped: Sequence[str], gaps: _Gaps) -> None:
-    """Warn about (≤ limit) or refuse (> limit) a study with dropped or missing slices."""
+def _why(reasons: Mapping[str, str], limit: int = 3) -> str:
+    """The most common reasons files were dropped, with counts and an example file each."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in reasons.items():
+        by_reason.setdefault(reason or "unknown reason", []).append(name)
+    common = sorted(by_reason.items(), key=lambda kv: -len(kv[1]))
+    return "; ".join(f"{len(names)}× {reason} (e.g. {names[0]})" for reason, names in common[:limit])
+
+
+def _check_losses(folder: Path, lost: int, limit: int, dropped: Mapping[str, str], gaps: _Gaps) -> None:
+    """Warn about (≤ limit) or refuse (> limit) a study with dropped or missing slices (``dropped``:
+    file name → why it could not be read or decoded)."""
     if lost == 0:
         return
     parts = []
     if dropped:
-        parts.append(f"unreadable slice file(s): {_names(dropped, limit=20)}")
+        parts.append(f"unreadable slice file(s): {_names(dropped, limit=20)} — {_why(dropped)}")
     if gaps.descriptions:
         parts.append("; ".join(gaps.descriptions))
     detail = "; ".join(parts)
@@ -595,18 +605,17 @@ def load_study(
     _validate(folder, scan.headers)
     ordered, z, _ = _order(folder, scan.headers)
     gaps = _gaps(ordered, z)
-    dropped = list(scan.unreadable)
+    dropped = dict(scan.unreadable)
     _check_losses(folder, max(gaps.missing, len(dropped)), max_missing_slices, dropped, gaps)
 
     volume, errors = _decode_volume(ordered, workers, decoder)
     if errors:
-        failed = [ordered[i].path.name for i in sorted(errors)]
-        dropped += failed
+        dropped.update({ordered[i].path.name: errors[i] for i in sorted(errors)})
         lost = len(errors) + max(gaps.missing, len(scan.unreadable))
         _check_losses(folder, lost, max_missing_slices, dropped, gaps)
         keep = np.array([i not in errors for i in range(len(ordered))])
         volume, ordered, z = _compact(folder, volume, keep), [h for h, k in zip(ordered, keep) if k], z[keep]
-    return _study(folder, ordered, volume, z, gaps, uid, dropped, scan.ignored)
+    return _study(folder, ordered, volume, z, gaps, uid, list(dropped), scan.ignored)
 
 
 def _compact(folder: Path, volume: np.ndarray, keep: np.ndarray) -> np.ndarray:
