@@ -84,6 +84,8 @@ class FractureClassifier(OptimizedModule):
         self.register_buffer("study_calibration", torch.tensor(IDENTITY, dtype=torch.float32))
         self.optimizer_factory, self.scheduler_cfg = optimizer, scheduler
         self.channels_last = channels_last
+        if channels_last:  # NHWC weights too: oneDNN/cuDNN then run NHWC kernels end to end
+            self.backbone.to(memory_format=torch.channels_last)
         if compile:
             self.backbone = torch.compile(self.backbone)
         self.val_probs, self.val_vis = CatMetric(), CatMetric()
@@ -130,9 +132,9 @@ class FractureClassifier(OptimizedModule):
         self.val_slice.update(batch["slice_index"].float())
 
     def on_validation_epoch_end(self) -> None:
-        probs, vis = self.val_probs.compute(), self.val_vis.compute()
-        study, sl = self.val_study.compute(), self.val_slice.compute()
-        for m in (self.val_probs, self.val_vis, self.val_study, self.val_slice):
+        metrics = (self.val_probs, self.val_vis, self.val_study, self.val_slice)
+        probs, vis, study, sl = (m.compute().cpu().numpy() for m in metrics)  # host arrays (CUDA runs too)
+        for m in metrics:
             m.reset()
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or not len(study) or self.trainer.sanity_checking:
