@@ -107,6 +107,8 @@ class VertebraSequenceClassifier(OptimizedModule):
         self.optimizer_factory, self.scheduler_cfg = optimizer, scheduler
         self.encoder_init = encoder_init
         self.channels_last = channels_last
+        if channels_last:  # NHWC weights too: oneDNN/cuDNN then run NHWC kernels end to end
+            self.encoder.to(memory_format=torch.channels_last)
         if compile:
             self.encoder = torch.compile(self.encoder)
         self.val_probs, self.val_present, self.val_vert = CatMetric(), CatMetric(), CatMetric()

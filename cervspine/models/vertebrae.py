@@ -43,6 +43,8 @@ class VertebraeDetector(OptimizedModule):
         self.box_loss_weight = box_loss_weight
         self.optimizer_factory, self.scheduler_cfg = optimizer, scheduler
         self.channels_last = channels_last
+        if channels_last:  # NHWC weights too: oneDNN/cuDNN then run NHWC kernels end to end
+            self.backbone.to(memory_format=torch.channels_last)
         if compile:
             self.backbone = torch.compile(self.backbone)
         n = len(VERTEBRAE)
