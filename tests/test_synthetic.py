@@ -315,3 +315,16 @@ def test_cli_writes_a_folder(tmp_path: Path) -> None:
     manifest = pd.read_csv(out / "synthetic_manifest.csv")
     assert (manifest["transfer_syntax"] == "rle").all() and manifest["reversed"].all()
     assert (out / ".hydra_synthesize" / ".hydra" / "config.yaml").exists()
+
+
+def test_synthetic_uids_avoid_the_known_bad_rsna_studies():
+    from cervspine.data.synthetic import _uids
+    from cervspine.io.rsna import KNOWN_BAD_STUDIES
+
+    class Draws:  # the generator's draw that once put 1.2.826.0.1.3680043.20574 in a held-out folder
+        def choice(self, pool, size, replace):
+            return np.array([19574, 5, 28952])[:size]
+
+    uids = _uids(Draws(), 3)
+    assert not set(uids) & set(KNOWN_BAD_STUDIES)
+    assert len(set(uids)) == 3 and uids[1] == "1.2.826.0.1.3680043.1005"  # the others are kept

@@ -37,6 +37,7 @@ from cervspine.data.synthetic_anatomy import (
     spine_centre,
 )
 from cervspine.io.ljpeg import JPEG_LOSSLESS_SV1, encapsulate_frames, encode_frame
+from cervspine.io.rsna import KNOWN_BAD_STUDIES
 
 UID_ROOT = "1.2.826.0.1.3680043"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -529,8 +530,11 @@ def _draw_options(rng: np.random.Generator, q: Quirks) -> tuple[DicomOptions, bo
 
 
 def _uids(rng: np.random.Generator, n: int) -> list[str]:
+    """n distinct RSNA-style UIDs, never one of the real train set's known-bad studies (the default
+    config excludes those: a synthetic study with that UID would silently drop out of every run)."""
     pool = max(31000, 20 * n)
-    return [f"{UID_ROOT}.{1000 + int(v)}" for v in rng.choice(pool, size=n, replace=False)]
+    uids = [f"{UID_ROOT}.{1000 + int(v)}" for v in rng.choice(pool, size=n, replace=False)]
+    return [f"{UID_ROOT}.{1000 + pool + i}" if u in KNOWN_BAD_STUDIES else u for i, u in enumerate(uids)]
 
 
 def _positives(rng: np.random.Generator, n: int, fraction: float) -> np.ndarray:
