@@ -28,6 +28,18 @@ def _num_meta() -> int:
     return NUM_FEATURES
 
 
+def _cpu_precision() -> str:
+    """Trainer precision for CPU runs: bf16-mixed where the CPU has native bf16 instructions (AVX512-BF16
+    or AMX: ~1.45× faster ResNet training steps measured here), else 32-true (emulated bf16 is slower)."""
+    import torch
+
+    native = any(
+        getattr(torch.cpu, name, lambda: False)()
+        for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+    return "bf16-mixed" if native else "32-true"
+
+
 def _wandb_offline() -> bool:
     """Offline unless the user has a W&B login (API key in the environment or ~/.netrc) or forces online."""
     mode = os.environ.get("WANDB_MODE", "").lower()
@@ -47,6 +59,7 @@ def register_resolvers() -> None:
         "cs.in_chans": _in_chans,
         "cs.seq_in_chans": _seq_in_chans,
         "cs.num_meta": _num_meta,
+        "cs.cpu_precision": _cpu_precision,
         "cs.wandb_offline": _wandb_offline,
     }
     for name, fn in resolvers.items():

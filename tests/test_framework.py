@@ -170,3 +170,18 @@ def test_ema_saves_averaged_weights_with_the_fitted_calibration(tiny_root, tmp_p
     fitted = current["study_calibration"]
     assert tuple(fitted.tolist()) != IDENTITY
     assert torch.equal(averaged["study_calibration"], fitted)
+
+
+@pytest.mark.parametrize("experiment", ["vertebrae_demo", "fracture_demo", "fracture_seq_demo"])
+def test_demo_experiments_train_in_bf16_only_where_the_cpu_has_it(experiment, tmp_path, monkeypatch):
+    import torch
+
+    import cervspine.config as config
+
+    with hydra_config("train", [f"experiment={experiment}"], tmp_path) as cfg:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        assert cfg.trainer.precision == ("bf16-mixed" if native else "32-true")
+        assert cfg.model.channels_last is True
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert config._cpu_precision() == "32-true"  # emulated bf16 would be slower than float32

@@ -66,6 +66,18 @@ def test_pipeline_experiment_composes_for_train_and_pipeline(tiny_root, tmp_path
         assert cfg.data.image_size == 128
 
 
+def test_gpu_demo_trains_both_stages_on_a_gpu_in_bf16(tiny_root, tmp_path):
+    from cervspine.pipeline import stage_config
+
+    with hydra_config("pipeline", ["experiment=demo_gpu", f"data.root={tiny_root}"], tmp_path) as cfg:
+        assert cfg.experiment_name == "demo_gpu" and cfg.data.image_size == 128
+        for stage, experiment in (("stage1", "vertebrae_demo"), ("stage2", "fracture_demo")):
+            stage_cfg = stage_config(cfg, stage, tmp_path / stage)
+            assert stage_cfg.experiment_name == experiment
+            assert (stage_cfg.trainer.accelerator, stage_cfg.trainer.precision) == ("gpu", "bf16-mixed")
+            assert stage_cfg.data.num_workers == 8
+
+
 def _short(tiny_root: Path, epochs: int) -> list[str]:
     return [
         *_overrides(tiny_root, "fracture_demo"),
