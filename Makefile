@@ -33,8 +33,10 @@ demo: $(STAMP) ## synthesize an RSNA-format folder (once), then run the whole pi
 print-demo-synth:
 	@echo $(DEMO_SYNTH)
 
-demo-quality: $(STAMP) ## score the last demo run on held-out synthetic studies (experiments/demo_quality.json)
+demo-quality: $(STAMP) ## score the last demo run on two held-out synthetic folders (experiments/demo_quality*.json)
 	$(PY) -m experiments.demo_quality --train $(DEMO_DIR) --holdout $(DEMO_DIR)_holdout
+	$(PY) -m experiments.demo_quality --train $(DEMO_DIR) --holdout $(DEMO_DIR)_holdout_seed2 --seed 2 \
+		--out experiments/demo_quality_seed2.json
 
 browser: ## headless Chromium for the report browser test (root + apt-get only; failure ignored)
 	@if [ -x /usr/bin/chromium ]; then echo "chromium: present"; \
