@@ -21,7 +21,7 @@ import cervspine.config  # noqa: F401
 from cervspine import TARGETS
 from cervspine.data.cache import CachedStudy, CacheParams
 from cervspine.data.folds import assign_folds
-from cervspine.inference import Predictor
+from cervspine.inference import Predictor, load_predictor
 from cervspine.io.rsna import RsnaIndex, write_csv_atomic
 from cervspine.metrics import bootstrap_ci, classification_report, prior_baseline, rsna_score
 from cervspine.preprocess import preprocess
@@ -79,7 +79,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if not uids:
         raise RuntimeError(f"{cfg.data.root}: no labelled study to evaluate (fold={fold})")
     s1, s2 = stage_checkpoints(cfg.get("run_dir"), cfg.ckpt.stage1, cfg.ckpt.stage2)
-    predictor = Predictor(s1, s2, device=cfg.device, batch_size=cfg.batch_size)
+    predictor = load_predictor(s1, s2, device=cfg.device, batch_size=cfg.batch_size)
     use_trained_image_size(cfg, predictor.image_size)
     cache_dir = Path(cfg.data.cache_dir)
     params = CacheParams(image_size=cfg.data.image_size, segmentation_method=cfg.data.segmentation_method)
@@ -96,7 +96,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     synthetic = is_synthetic(cfg.data.root)
     metrics = score(y, p, y_prior, synthetic, n_boot=cfg.get("n_bootstrap", 1000))
     metrics.update(
-        {"fold": fold, "stage1_ckpt": str(s1), "stage2_ckpt": str(s2), "data_root": str(cfg.data.root)}
+        {
+            "fold": fold,
+            "stage1_ckpt": str(s1),
+            "stage2_ckpt": [str(p) for p in s2] if isinstance(s2, list) else str(s2),
+            "data_root": str(cfg.data.root),
+        }
     )
     if not others:
         metrics["note"] += " Prior baseline computed in-sample (no held-out split)."

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from cervspine import TARGETS, VERTEBRAE
+from cervspine.aggregate import DEFAULT_EPS
 from cervspine.data.cache import CachedStudy
 from cervspine.data.metadata import slice_features, study_features
 from cervspine.data.spine import crop_pixels, crop_track
@@ -312,10 +313,14 @@ class Predictor:
             return self._predict(study)
 
     def _predict(self, study: CachedStudy) -> StudyPrediction:
-        t = {}
         t0 = time.perf_counter()
         vis, boxes = self._run_stage1(study)
-        t["stage1"] = time.perf_counter() - t0
+        return self._predict_stage2(study, vis, boxes, {"stage1": time.perf_counter() - t0})
+
+    def _predict_stage2(
+        self, study: CachedStudy, vis: np.ndarray, boxes: np.ndarray, t: dict[str, float]
+    ) -> StudyPrediction:
+        """Stage 2 and aggregation from raw stage-1 outputs; ``t`` holds the timings so far."""
         t0 = time.perf_counter()
         if self.cropper is not None:
             return self._predict_sequence(study, vis, boxes, t, t0)
@@ -343,6 +348,58 @@ class Predictor:
         for v in range(len(VERTEBRAE)):
             per_slice[np.isin(z, slices[v]), v] = final[v]
         return StudyPrediction(study.uid, final, stage1_frame(study, vis, boxes), z, per_slice, t, details)
+
+
+class EnsemblePredictor:
+    """Several stage-2 models over one stage 1. Each scores a study as its own :class:`Predictor` would
+    (its aggregation and study calibration included); the answer is the mean of their study logits.
+    Stage 1 runs once per study. What this class does not define (``stage2``, ``data2``,
+    ``stage2_inputs``, … for reports and Grad-CAM) is the first member's."""
+
+    def __init__(self, stage1_ckpt: str | Path, stage2_ckpts: Sequence[str | Path], **kwargs: Any):
+        if len(stage2_ckpts) < 2:
+            raise ValueError(f"an ensemble needs two or more stage-2 checkpoints, got {list(stage2_ckpts)}")
+        self.checkpoints = [str(c) for c in stage2_ckpts]
+        self.members = [Predictor(stage1_ckpt, c, **kwargs) for c in stage2_ckpts]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "members":  # not set yet (during unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.members[0], name)
+
+    def predict(self, study: CachedStudy) -> StudyPrediction:
+        first = self.members[0]
+        with torch_threads(first.num_threads):
+            t0 = time.perf_counter()
+            vis, boxes = first._run_stage1(study)
+            t1 = time.perf_counter() - t0
+            preds = [m._predict_stage2(study, vis, boxes, {"stage1": t1}) for m in self.members]
+        p = np.clip(
+            np.stack([x.probabilities for x in preds]).astype(np.float64), DEFAULT_EPS, 1 - DEFAULT_EPS
+        )
+        logits = np.log(p) - np.log1p(-p)
+        probs = (1.0 / (1.0 + np.exp(-logits.mean(axis=0)))).astype(np.float32)
+        timings = {"stage1": t1, **{k: sum(x.timings[k] for x in preds) for k in ("stage2", "aggregate")}}
+        members = [
+            {"checkpoint": c, **{t: float(v) for t, v in zip(TARGETS, x.probabilities)}}
+            for c, x in zip(self.checkpoints, preds)
+        ]
+        details = {"model": "ensemble: mean of the members' study logits", "members": members}
+        return replace(preds[0], probabilities=probs, timings=timings, stage2=details)
+
+
+def load_predictor(
+    stage1_ckpt: str | Path, stage2_ckpt: str | Path | Sequence[str | Path], **kwargs: Any
+) -> Predictor | EnsemblePredictor:
+    """A :class:`Predictor`, or an :class:`EnsemblePredictor` when ``stage2_ckpt`` lists several."""
+    if isinstance(stage2_ckpt, (str, Path)):
+        return Predictor(stage1_ckpt, stage2_ckpt, **kwargs)
+    ckpts = list(stage2_ckpt)
+    return (
+        Predictor(stage1_ckpt, ckpts[0], **kwargs)
+        if len(ckpts) == 1
+        else EnsemblePredictor(stage1_ckpt, ckpts, **kwargs)
+    )
 
 
 def stage1_frame(study: CachedStudy, vis: np.ndarray, boxes: np.ndarray) -> pd.DataFrame:

@@ -72,8 +72,9 @@ class Steps:
 
 
 def stage_config(cfg: DictConfig, stage: str, output_dir: Path, extra: list[str] | None = None) -> DictConfig:
-    """The train config of one stage, composed from its experiment plus the pipeline's data settings."""
-    spec = cfg[stage]
+    """The train config of one stage (``stage``: its key in the pipeline config, dotted for nested ones),
+    composed from its experiment plus the pipeline's data settings."""
+    spec = OmegaConf.select(cfg, stage)
     overrides = [f"experiment={spec.experiment}", *spec.get("overrides", []), *(extra or [])]
     overrides += [f"data.{k}={_override_value(cfg.data[k])}" for k in FORWARDED_DATA_KEYS]
     overrides += [
@@ -149,13 +150,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "stage1_inference", inf_key, [table], lambda: stage1_inference(s1_ckpt, cache_dir, uids, table, cfg)
     )
 
-    s2_cfg = stage_config(cfg, "stage2", s2_dir, [f"data.stage1_predictions={_override_value(str(table))}"])
-    s2_key = _key(OmegaConf.to_container(s2_cfg, resolve=True), inf_key)
-    steps.run("train_stage2", s2_key, [s2_dir / "train_summary.json"], lambda: _train_stage(s2_cfg))
-    s2_ckpt = best_checkpoint(s2_dir)
+    s2_ckpts = []  # stage 2, then each stage2_ensemble member (stage2_<name>/): evaluated as one ensemble
+    for stage, train_dir in [("stage2", s2_dir)] + [
+        (f"stage2_ensemble.{name}", run_dir / f"stage2_{name}") for name in cfg.get("stage2_ensemble") or {}
+    ]:
+        s2_cfg = stage_config(
+            cfg, stage, train_dir, [f"data.stage1_predictions={_override_value(str(table))}"]
+        )
+        s2_key = _key(OmegaConf.to_container(s2_cfg, resolve=True), inf_key)
+        step = "train_" + stage.replace("stage2_ensemble.", "stage2_")
+        steps.run(step, s2_key, [train_dir / "train_summary.json"], lambda c=s2_cfg: _train_stage(c))
+        s2_ckpts.append(best_checkpoint(train_dir))
 
-    models_key = _key(_file_key(s1_ckpt), _file_key(s2_ckpt), data_key)
-    sub_cfg = _task_config(cfg, run_dir, s1_ckpt, s2_ckpt)
+    models_key = _key(_file_key(s1_ckpt), *[_file_key(c) for c in s2_ckpts], data_key)
+    sub_cfg = _task_config(cfg, run_dir, s1_ckpt, s2_ckpts)
 
     def _evaluate() -> None:
         from cervspine.evaluate import evaluate
@@ -184,14 +192,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return {"metrics": metrics, "submission": submission if submission.exists() else None, "run_dir": run_dir}
 
 
-def _task_config(cfg: DictConfig, run_dir: Path, s1: Path, s2: Path) -> DictConfig:
-    """The evaluate/predict settings, taken from the pipeline config."""
+def _task_config(cfg: DictConfig, run_dir: Path, s1: Path, s2: list[Path]) -> DictConfig:
+    """The evaluate/predict settings, taken from the pipeline config (``s2``: several → an ensemble)."""
     return OmegaConf.create(
         {
             "paths": {"output_dir": str(run_dir)},
             "data": OmegaConf.to_container(cfg.data, resolve=True),
             "run_dir": str(run_dir),
-            "ckpt": {"stage1": str(s1), "stage2": str(s2)},
+            "ckpt": {"stage1": str(s1), "stage2": [str(p) for p in s2] if len(s2) > 1 else str(s2[0])},
             "fold": cfg.data.fold,
             "device": cfg.device,
             "batch_size": cfg.batch_size,

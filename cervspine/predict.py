@@ -23,7 +23,7 @@ import cervspine.config  # noqa: F401
 from cervspine import TARGETS
 from cervspine.data.cache import CachedStudy, CacheParams, InMemoryStudy
 from cervspine.data.stage1_table import vertebra_extents
-from cervspine.inference import Predictor, StudyPrediction
+from cervspine.inference import EnsemblePredictor, Predictor, StudyPrediction, load_predictor
 from cervspine.io import load_study
 from cervspine.io.rsna import RsnaIndex, write_csv_atomic
 from cervspine.preprocess import preprocess
@@ -56,9 +56,9 @@ def submission_frame(test: pd.DataFrame, predictions: dict[str, np.ndarray]) -> 
     return pd.DataFrame({"row_id": test["row_id"].to_numpy(), "fractured": np.clip(values, EPS, 1 - EPS)})
 
 
-def _predictor(cfg: DictConfig) -> Predictor:
+def _predictor(cfg: DictConfig) -> Predictor | EnsemblePredictor:
     s1, s2 = stage_checkpoints(cfg.get("run_dir"), cfg.ckpt.stage1, cfg.ckpt.stage2)
-    return Predictor(
+    return load_predictor(
         s1,
         s2,
         device=cfg.device,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
@@ -30,15 +31,28 @@ def best_checkpoint(train_dir: str | Path) -> Path:
 
 
 def stage_checkpoints(
-    run_dir: str | Path, stage1: str | None = None, stage2: str | None = None
-) -> tuple[Path, Path]:
-    """Explicit checkpoint paths win; otherwise the best checkpoints of ``run_dir/stage1`` and ``/stage2``."""
+    run_dir: str | Path, stage1: str | None = None, stage2: str | Sequence[str] | None = None
+) -> tuple[Path, Path | list[Path]]:
+    """Explicit checkpoint paths win; otherwise the best checkpoints of ``run_dir/stage1`` and ``/stage2``
+    — plus those of the run's ``stage2_<name>/`` ensemble members where the pipeline trained some.
+    Several stage-2 checkpoints (listed, or found) come back as a list: an ensemble, see
+    ``inference.load_predictor``."""
     run = Path(run_dir) if run_dir else None
     s1 = Path(stage1) if stage1 else best_checkpoint(run / STAGE_DIRS["stage1"]) if run else None
-    s2 = Path(stage2) if stage2 else best_checkpoint(run / STAGE_DIRS["stage2"]) if run else None
+    s2: Path | list[Path] | None = None
+    if stage2 and not isinstance(stage2, (str, Path)):
+        s2 = [Path(p) for p in stage2]
+    elif stage2:
+        s2 = Path(stage2)
+    elif run:
+        members = sorted(
+            d for d in run.glob(f"{STAGE_DIRS['stage2']}_*") if (d / "train_summary.json").is_file()
+        )
+        s2 = best_checkpoint(run / STAGE_DIRS["stage2"])
+        s2 = [s2, *(best_checkpoint(d) for d in members)] if members else s2
     if s1 is None or s2 is None:
         raise ValueError("give run_dir=<pipeline run folder> or both ckpt.stage1=... and ckpt.stage2=...")
-    for p in (s1, s2):
+    for p in (s1, *(s2 if isinstance(s2, list) else [s2])):
         if not p.is_file():
             raise FileNotFoundError(f"checkpoint not found: {p}")
     return s1, s2

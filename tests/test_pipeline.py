@@ -130,3 +130,45 @@ def test_evaluate_scores_at_the_checkpoints_image_size(pipeline_run, tiny_root, 
         metrics = evaluate(cfg)
     assert sorted(p.name for p in (copy / ".cervspine_cache").iterdir()) == ["s64"]
     assert metrics["n_studies"] == 12 and np.isfinite(metrics["rsna_score"])
+
+
+def test_an_ensemble_scores_the_mean_of_its_members_study_logits(pipeline_run, tiny_root, tmp_path):
+    import torch
+
+    from cervspine.data.cache import CachedStudy
+    from cervspine.evaluate import evaluate
+    from cervspine.inference import EnsemblePredictor, Predictor, load_predictor
+    from cervspine.runs import stage_checkpoints
+
+    out, _ = pipeline_run
+    s1, s2 = stage_checkpoints(out)
+    ckpt = torch.load(s2, map_location="cpu", weights_only=False)  # a second, different stage 2
+    gen = torch.Generator().manual_seed(0)
+    for k, v in ckpt["state_dict"].items():
+        if k.startswith(("fracture_head", "overall_head")):
+            v.add_(torch.randn(v.shape, generator=gen) * 0.5)
+    other = tmp_path / "other.ckpt"
+    torch.save(ckpt, other)
+    cache = next(p for p in (tiny_root / ".cervspine_cache").iterdir() if p.is_dir())
+    study = CachedStudy(next(p for p in sorted(cache.iterdir()) if p.is_dir()))
+    a = Predictor(s1, s2, device="cpu").predict(study).probabilities.astype(np.float64)
+    b = Predictor(s1, other, device="cpu").predict(study).probabilities.astype(np.float64)
+    assert not np.allclose(a, b, atol=1e-3)
+    ensemble = load_predictor(s1, [s2, other], device="cpu")
+    assert isinstance(ensemble, EnsemblePredictor) and ensemble.image_size == 64
+    pred = ensemble.predict(study)
+    logit = lambda p: np.log(p) - np.log1p(-p)  # noqa: E731
+    np.testing.assert_allclose(pred.probabilities, 1 / (1 + np.exp(-(logit(a) + logit(b)) / 2)), rtol=1e-4)
+    members = pred.stage2["members"]
+    assert [m["checkpoint"] for m in members] == [str(s2), str(other)]
+    np.testing.assert_allclose([m["patient_overall"] for m in members], [a[-1], b[-1]], rtol=1e-5)
+
+    overrides = [
+        f"data.root={tiny_root}",
+        f"run_dir={out}",
+        f'ckpt.stage2=["{s2}","{other}"]',
+        "n_bootstrap=10",
+    ]
+    with hydra_config("evaluate", overrides, tmp_path / "eval") as cfg:
+        metrics = evaluate(cfg)
+    assert metrics["stage2_ckpt"] == [str(s2), str(other)] and np.isfinite(metrics["rsna_score"])

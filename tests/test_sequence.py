@@ -372,3 +372,49 @@ def test_predict_single_study_with_the_sequence_model(seq_pipeline, tiny_root, t
     assert pred.fracture_probs.shape == (len(pred.fracture_slices), 7)
     cached = json.loads((out / "studies" / f"{folder.name}.json").read_text())
     np.testing.assert_allclose([cached[t] for t in TARGETS], pred.probabilities, rtol=1e-4, atol=1e-5)
+
+
+def test_pipeline_with_a_stage2_ensemble(tiny_root, tmp_path):
+    """experiment=demo_ensemble: slice classifier + sequence model on one stage 1, answered as the mean
+    of their study logits by the pipeline, and by evaluate/predict given only the run folder."""
+    from cervspine.pipeline import run
+    from cervspine.predict import predict_study_folder
+
+    short = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2"]
+    stage_data = [o for o in TINY_DATA if not o.startswith(("data.image_size", "data.n_folds"))]
+    overrides = [
+        f"data.root={tiny_root}",
+        "experiment=demo_ensemble",
+        "data.image_size=64",
+        "data.n_folds=3",
+        "n_bootstrap=20",
+        "progress=false",
+        f"stage1.overrides={_quoted(short + stage_data + TINY_STAGE1)}",
+        f"stage2.overrides={_quoted(short + stage_data + TINY_STAGE2)}",
+        f"stage2_ensemble.seq.overrides={_quoted(short + stage_data + TINY_STAGE2 + SEQ)}",
+    ]
+    out = tmp_path / "run"
+    with hydra_config("pipeline", overrides, out) as cfg:
+        run(cfg)
+    steps = json.loads((out / "steps.json").read_text())
+    assert {"train_stage2", "train_stage2_seq"} <= set(steps)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [Path(p).parent.parent.name for p in metrics["stage2_ckpt"]] == ["stage2", "stage2_seq"]
+    folder = next((tiny_root / "test_images").iterdir())
+    record = json.loads((out / "studies" / f"{folder.name}.json").read_text())
+    members = record["stage2"]["members"]
+    assert len(members) == 2
+    p = np.array([[m[t] for t in TARGETS] for m in members]).clip(1e-4, 1 - 1e-4)
+    mean_logit = np.log(p / (1 - p)).mean(axis=0)
+    np.testing.assert_allclose([record[t] for t in TARGETS], 1 / (1 + np.exp(-mean_logit)), rtol=1e-4)
+    with hydra_config(
+        "predict", [f"study={folder}", f"run_dir={out}", f"data.root={tiny_root}"], tmp_path
+    ) as c:
+        pred = predict_study_folder(c)  # the run folder alone: both members found
+    np.testing.assert_allclose(pred.probabilities, [record[t] for t in TARGETS], rtol=1e-4, atol=1e-5)
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "stage2_seq" in card and "mean of their study logits" in card
+    before = (out / "metrics.json").stat().st_mtime_ns
+    with hydra_config("pipeline", overrides, out) as cfg:
+        run(cfg)  # every step current, the ensemble members included
+    assert (out / "metrics.json").stat().st_mtime_ns == before

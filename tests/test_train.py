@@ -15,7 +15,11 @@ from tests.conftest import TINY_DATA, TINY_STAGE1, TINY_STAGE2, hydra_config
 EXPERIMENT_DIR = Path(__file__).parents[1] / "conf" / "experiment"
 EXPERIMENTS = sorted(p.stem for p in EXPERIMENT_DIR.glob("*.yaml"))
 # pipeline experiments name the train experiments of their stages; the others are train experiments
-PIPELINE_EXPERIMENTS = [e for e in EXPERIMENTS if "stage2" in OmegaConf.load(EXPERIMENT_DIR / f"{e}.yaml")]
+PIPELINE_EXPERIMENTS = [
+    e
+    for e in EXPERIMENTS
+    if {"stage2", "stage2_ensemble"} & set(OmegaConf.load(EXPERIMENT_DIR / f"{e}.yaml"))
+]
 STAGE_OF = {"vertebrae": TINY_STAGE1, "fracture": TINY_STAGE2}
 
 
@@ -47,7 +51,7 @@ def test_experiment_list_is_complete():
         assert name in EXPERIMENTS
     for name in ("fracture_seq_demo", "fracture_seq", "demo_seq"):
         assert name in EXPERIMENTS
-    assert {"demo", "demo_seq"} <= set(PIPELINE_EXPERIMENTS)
+    assert {"demo", "demo_seq", "demo_gpu", "demo_ensemble"} <= set(PIPELINE_EXPERIMENTS)
 
 
 @pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e not in PIPELINE_EXPERIMENTS])

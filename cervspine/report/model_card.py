@@ -85,7 +85,8 @@ def model_card(cfg: DictConfig, run_dir: str | Path, metrics: dict[str, Any] | N
     root = Path(cfg.data.root)
     synthetic = is_synthetic(root)
     index = RsnaIndex.from_root(root, exclude=tuple(cfg.data.exclude), require_images=False)
-    stages = {s: _stage_info(run_dir, s) for s in STAGES}
+    members = sorted(d.name for d in run_dir.glob("stage2_*") if (d / "resolved_config.yaml").is_file())
+    stages = {s: _stage_info(run_dir, s) for s in (*STAGES, *members)}
     commit = git_commit() or "unknown (not a git checkout)"
     banner = (
         [
@@ -103,6 +104,8 @@ def model_card(cfg: DictConfig, run_dir: str | Path, metrics: dict[str, Any] | N
         f"`{run_dir / s}`"
         for s, i in stages.items()
     ]
+    if members:
+        stage_lines.append("- stage 2 is an ensemble of the stage2* models: the mean of their study logits")
     n_pos = int(index.labels["patient_overall"].sum()) if len(index.labels) else 0
     lines = [
         f"# Model card — cervspine `{cfg.get('experiment_name') or '?'}`",
