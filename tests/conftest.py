@@ -32,4 +32,29 @@ TINY_STAGE1 = ["data.input_size=64", "data.batch_size=16"]
 TINY_STAGE2 = ["data.input_size=32", "data.batch_size=16", "data.epoch_size=64"]
 
 
+def tiny_pipeline_overrides(root: Path, experiment: str, **stage2: list[str]) -> list[str]:
+    """Pipeline overrides for a one-epoch, two-batch run of ``experiment`` on the tiny folder.
+    ``stage2``: extra train overrides per stage-2 key (``stage2=[...]``, ``stage2_ensemble__seq=[...]``
+    for the ensemble member ``seq``), added to the tiny stage-2 settings."""
+    short = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2"]
+    stage_data = [o for o in TINY_DATA if not o.startswith(("data.image_size", "data.n_folds"))]
+
+    def quoted(items: list[str]) -> str:
+        return "[" + ",".join(f'"{x}"' for x in items) + "]"
+
+    out = [
+        f"data.root={root}",
+        f"experiment={experiment}",
+        "data.image_size=64",
+        "data.n_folds=3",
+        "n_bootstrap=20",
+        "progress=false",
+        f"stage1.overrides={quoted(short + stage_data + TINY_STAGE1)}",
+    ]
+    for key, extra in {"stage2": [], **stage2}.items():
+        path = key.replace("__", ".")
+        out.append(f"{path}.overrides={quoted(short + stage_data + TINY_STAGE2 + extra)}")
+    return out
+
+
 hydra_config = composed  # the tests' name for it

@@ -11,26 +11,11 @@ import pandas as pd
 import pytest
 
 from cervspine import TARGETS
-from tests.conftest import TINY_DATA, TINY_STAGE1, TINY_STAGE2, hydra_config
-
-
-def _quoted(items: list[str]) -> str:
-    return "[" + ",".join(f'"{x}"' for x in items) + "]"
+from tests.conftest import hydra_config, tiny_pipeline_overrides
 
 
 def _pipeline_overrides(root: Path) -> list[str]:
-    short = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2"]
-    stage_data = [o for o in TINY_DATA if not o.startswith(("data.image_size", "data.n_folds"))]
-    return [
-        f"data.root={root}",
-        "experiment=demo",
-        "data.image_size=64",
-        "data.n_folds=3",
-        "n_bootstrap=20",
-        "progress=false",
-        f"stage1.overrides={_quoted(short + stage_data + TINY_STAGE1)}",
-        f"stage2.overrides={_quoted(short + stage_data + TINY_STAGE2)}",
-    ]
+    return tiny_pipeline_overrides(root, "demo")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from cervspine.data.spine import crop_pixels
 from cervspine.data.vertebra_crops import VertebraCropper, VertebraExtent, study_sequences
 from cervspine.metrics import prior_baseline
 from cervspine.models.sequence import VertebraSequenceClassifier, study_predictions
-from tests.conftest import TINY_DATA, TINY_STAGE1, TINY_STAGE2, hydra_config
+from tests.conftest import TINY_DATA, TINY_STAGE2, hydra_config, tiny_pipeline_overrides
 
 SEQ = ["data.n_slices=4"]
 
@@ -309,27 +309,12 @@ def test_study_sample_mode_with_box_mask_trains(tiny_root, tmp_path):
 
 
 # ---- the pipeline with the sequence model --------------------------------------------------------
-def _quoted(items: list[str]) -> str:
-    return "[" + ",".join(f'"{x}"' for x in items) + "]"
-
-
 @pytest.fixture(scope="module")
 def seq_pipeline(tiny_root, tmp_path_factory):
     from cervspine.pipeline import run
 
     out = tmp_path_factory.mktemp("pipeline_seq")
-    short = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2"]
-    stage_data = [o for o in TINY_DATA if not o.startswith(("data.image_size", "data.n_folds"))]
-    overrides = [
-        f"data.root={tiny_root}",
-        "experiment=demo_seq",
-        "data.image_size=64",
-        "data.n_folds=3",
-        "n_bootstrap=20",
-        "progress=false",
-        f"stage1.overrides={_quoted(short + stage_data + TINY_STAGE1)}",
-        f"stage2.overrides={_quoted(short + stage_data + TINY_STAGE2 + SEQ)}",
-    ]
+    overrides = tiny_pipeline_overrides(tiny_root, "demo_seq", stage2=SEQ)
     with hydra_config("pipeline", overrides, out) as cfg:
         assert cfg.stage2.experiment == "fracture_seq_demo"
         result = run(cfg)
@@ -380,19 +365,7 @@ def test_pipeline_with_a_stage2_ensemble(tiny_root, tmp_path):
     from cervspine.pipeline import run
     from cervspine.predict import predict_study_folder
 
-    short = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2"]
-    stage_data = [o for o in TINY_DATA if not o.startswith(("data.image_size", "data.n_folds"))]
-    overrides = [
-        f"data.root={tiny_root}",
-        "experiment=demo_ensemble",
-        "data.image_size=64",
-        "data.n_folds=3",
-        "n_bootstrap=20",
-        "progress=false",
-        f"stage1.overrides={_quoted(short + stage_data + TINY_STAGE1)}",
-        f"stage2.overrides={_quoted(short + stage_data + TINY_STAGE2)}",
-        f"stage2_ensemble.seq.overrides={_quoted(short + stage_data + TINY_STAGE2 + SEQ)}",
-    ]
+    overrides = tiny_pipeline_overrides(tiny_root, "demo_ensemble", stage2_ensemble__seq=SEQ)
     out = tmp_path / "run"
     with hydra_config("pipeline", overrides, out) as cfg:
         run(cfg)
