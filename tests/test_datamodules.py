@@ -120,3 +120,14 @@ def test_visibility_normalization_gives_every_found_level_its_best_slices():
     np.testing.assert_array_equal(normalize_visibility(vis, "none"), vis)
     with pytest.raises(ValueError, match="visibility normalization"):
         normalize_visibility(vis, "softmax")
+
+
+def test_a_folder_without_what_a_stage_learns_from_is_refused(tiny_root, tmp_path):
+    import shutil
+
+    bare = tmp_path / "no_segmentations"
+    shutil.copytree(tiny_root, bare, ignore=shutil.ignore_patterns(".cervspine_cache", "segmentations"))
+    with pytest.raises(RuntimeError, match=r"no training study has a segmentation"):
+        _dm(VertebraeDataModule, bare, tmp_path)
+    with pytest.raises(RuntimeError, match=r"no training study has stage-1 predictions or a segmentation"):
+        _dm(FractureDataModule, bare, tmp_path)

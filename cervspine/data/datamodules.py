@@ -118,16 +118,21 @@ class RsnaDataModule(L.LightningDataModule):
             )
         return ok
 
-    def split_usable(self) -> None:
-        """``train_uids``/``val_uids``: this fold's split of the usable training studies (both non-empty)."""
-        uids = self.usable(sorted(self.index.train_uids))
+    def assign_split(self, uids: Sequence[str], having: str) -> None:
+        """``train_uids``/``val_uids``: this fold's split of ``uids`` (the training studies ``having``
+        what the stage needs); refuses an empty set or an empty side."""
         if not uids:
-            raise RuntimeError(f"{self.root}: no training study has stage-1 predictions or a segmentation")
+            raise RuntimeError(f"{self.root}: no training study has {having}")
         self.train_uids, self.val_uids = self.split(uids)
         if not self.train_uids or not self.val_uids:
             raise RuntimeError(
-                f"fold {self.fold}: {len(self.train_uids)} train / {len(self.val_uids)} val studies"
+                f"fold {self.fold}/{self.n_folds}: {len(self.train_uids)} train and {len(self.val_uids)} "
+                f"validation studies with {having}; need at least one of each"
             )
+
+    def split_usable(self) -> None:
+        """``train_uids``/``val_uids``: this fold's split of the usable training studies (both non-empty)."""
+        self.assign_split(self.usable(sorted(self.index.train_uids)), "stage-1 predictions or a segmentation")
 
     def _loader(self, dataset, *, train: bool, sampler=None) -> DataLoader:
         return DataLoader(
@@ -152,14 +157,7 @@ class VertebraeDataModule(RsnaDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         seg_uids = sorted(u for u in self.index.uids_with_segmentation if u in set(self.index.train_uids))
-        if not seg_uids:
-            raise RuntimeError(f"{self.root}: no training study has a segmentation; stage 1 needs some")
-        self.train_uids, self.val_uids = self.split(seg_uids)
-        if not self.train_uids or not self.val_uids:
-            raise RuntimeError(
-                f"fold {self.fold}/{self.n_folds}: {len(self.train_uids)} train and {len(self.val_uids)} "
-                f"validation studies with segmentations; need at least one of each"
-            )
+        self.assign_split(seg_uids, "a segmentation (stage 1 learns from them)")
 
     def dataset(self, uids: Sequence[str], *, step: int = 1, train: bool = False) -> VertebraeSliceDataset:
         studies = [self.study(u) for u in uids]
