@@ -17,8 +17,8 @@ from omegaconf import DictConfig
 
 from cervspine import TARGETS
 from cervspine.io.rsna import write_csv_atomic
-from cervspine.metrics import classification_report, rsna_score
-from cervspine.runinfo import write_json_atomic
+from cervspine.runs.info import write_json_atomic
+from cervspine.scoring.metrics import classification_report, rsna_score
 
 
 def gather(folder: str | Path) -> pd.DataFrame:

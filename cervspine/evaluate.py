@@ -19,14 +19,13 @@ from omegaconf import DictConfig
 
 import cervspine.config  # noqa: F401
 from cervspine import TARGETS
-from cervspine.data.cache import CachedStudy, CacheParams
+from cervspine.cache import CachedStudy, CacheParams, preprocess
 from cervspine.data.folds import assign_folds
 from cervspine.inference import Predictor, load_predictor
 from cervspine.io.rsna import RsnaIndex, write_csv_atomic
-from cervspine.metrics import bootstrap_ci, classification_report, prior_baseline, rsna_score
-from cervspine.preprocess import preprocess
-from cervspine.runinfo import write_json_atomic
-from cervspine.runs import is_synthetic, stage_checkpoints, use_trained_image_size
+from cervspine.runs.info import write_json_atomic
+from cervspine.runs.layout import is_synthetic, stage_checkpoints, use_trained_image_size
+from cervspine.scoring.metrics import bootstrap_ci, classification_report, prior_baseline, rsna_score
 
 log = logging.getLogger(__name__)
 

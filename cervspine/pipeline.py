@@ -22,13 +22,12 @@ from hydra import compose
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import cervspine.config  # noqa: F401
-from cervspine.data.cache import CachedStudy, CacheParams
+from cervspine.cache import CachedStudy, CacheParams, preprocess
 from cervspine.data.stage1_table import vertebra_extents
 from cervspine.inference import Predictor, stage1_frame
 from cervspine.io.rsna import RsnaIndex, write_csv_atomic
-from cervspine.preprocess import preprocess
-from cervspine.runinfo import data_fingerprint, write_json_atomic
-from cervspine.runs import best_checkpoint
+from cervspine.runs.info import data_fingerprint, write_json_atomic
+from cervspine.runs.layout import best_checkpoint
 
 log = logging.getLogger(__name__)
 FORWARDED_DATA_KEYS = (

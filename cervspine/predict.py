@@ -21,14 +21,13 @@ from omegaconf import DictConfig
 
 import cervspine.config  # noqa: F401
 from cervspine import TARGETS
-from cervspine.data.cache import CachedStudy, CacheParams, InMemoryStudy
+from cervspine.cache import CachedStudy, CacheParams, InMemoryStudy, preprocess
 from cervspine.data.stage1_table import vertebra_extents
 from cervspine.inference import EnsemblePredictor, Predictor, StudyPrediction, load_predictor
 from cervspine.io import load_study
 from cervspine.io.rsna import RsnaIndex, write_csv_atomic
-from cervspine.preprocess import preprocess
-from cervspine.runinfo import write_json_atomic
-from cervspine.runs import is_synthetic, stage_checkpoints, use_trained_image_size
+from cervspine.runs.info import write_json_atomic
+from cervspine.runs.layout import is_synthetic, stage_checkpoints, use_trained_image_size
 
 log = logging.getLogger(__name__)
 EPS = 1e-4

@@ -12,7 +12,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cervspine.data.synthetic import write_rsna_folder
+from cervspine.synthetic import write_rsna_folder
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import cervspine.config  # noqa: F401  (registers resolvers)
-from cervspine.ddp import patch_lightning_hydra_ddp
-from cervspine.runinfo import save_run_info, write_json_atomic
+from cervspine.runs.info import save_run_info, write_json_atomic
+from cervspine.training.ddp import patch_lightning_hydra_ddp
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import pandas as pd
 
 from cervspine import TARGETS
 from cervspine.io.rsna import RsnaIndex
-from cervspine.metrics import bootstrap_ci, classification_report, prior_baseline, rsna_score
+from cervspine.scoring.metrics import bootstrap_ci, classification_report, prior_baseline, rsna_score
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_RATIO, TARGET_AUROC = 0.5, 0.9  # issue #4: rsna_score ≤ 0.5 × prior, patient AUROC ≥ 0.9

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from cervspine import VERTEBRAE
-from cervspine.data.cache import CachedStudy
+from cervspine.cache import CachedStudy
 from cervspine.inference import Predictor
-from cervspine.runs import STAGE_DIRS, best_checkpoint
+from cervspine.runs.layout import STAGE_DIRS, best_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@
 Both use the same stage-1 checkpoint and the inference path of ``cervspine.evaluate`` (Predictor): per
 study, stage 1 runs once, then each stage-2 model; the slice model's per-slice outputs are aggregated
 with every method. Scores are of the raw study probabilities; with ``--calibrate-on NAME`` every model
-also gets a study calibration (``cervspine.calibration``) fitted on that evaluation set's predictions,
+also gets a study calibration (``cervspine.scoring.calibration``) fitted on that evaluation set's predictions,
 applied to the other sets and cross-fitted on that set itself. Writes a JSON of the metrics and prints a
 Markdown table.
 
@@ -23,16 +23,15 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 
 from cervspine import TARGETS, VERTEBRAE
-from cervspine.aggregate import AGGREGATORS
-from cervspine.calibration import StudyCalibration, cross_fitted
-from cervspine.data.cache import CachedStudy, CacheParams
+from cervspine.cache import CachedStudy, CacheParams, preprocess
 from cervspine.evaluate import select_studies
 from cervspine.inference import Predictor
 from cervspine.io.rsna import RsnaIndex
-from cervspine.metrics import bootstrap_ci, classification_report, prior_baseline, rsna_score
 from cervspine.models.fracture import aggregate_slices
-from cervspine.preprocess import preprocess
-from cervspine.runs import is_synthetic
+from cervspine.runs.layout import is_synthetic
+from cervspine.scoring.aggregation import AGGREGATORS
+from cervspine.scoring.calibration import StudyCalibration, cross_fitted
+from cervspine.scoring.metrics import bootstrap_ci, classification_report, prior_baseline, rsna_score
 
 
 def _pooled_auroc(y: np.ndarray, p: np.ndarray) -> float:

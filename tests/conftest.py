@@ -19,7 +19,7 @@ TINY = dict(n_train=12, n_test=2, size=64, slices=(40, 52), seed=3, seg_fraction
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
     """A tiny RSNA-format folder (12 train / 2 test studies, 64², ~45 slices), written once per session."""
-    from cervspine.data.synthetic import write_rsna_folder
+    from cervspine.synthetic import write_rsna_folder
 
     root = tmp_path_factory.mktemp("rsna") / "tiny"
     write_rsna_folder(root, **TINY)

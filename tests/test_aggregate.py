@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from cervspine import TARGETS
-from cervspine.aggregate import (
+from cervspine.scoring.aggregation import (
     AGGREGATORS,
     DEFAULT_EPS,
     P_COLUMNS,

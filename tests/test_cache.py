@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cervspine.data.cache import CachedStudy, CacheParams, area_fractions, spine_boxes, vertebra_areas
+from cervspine.cache import CachedStudy, CacheParams, preprocess
+from cervspine.cache.entry import area_fractions, spine_boxes, vertebra_areas
 from cervspine.io import load_segmentation, load_study
 from cervspine.io.rsna import RsnaIndex
-from cervspine.preprocess import preprocess
 
 
 @pytest.fixture()
@@ -124,7 +124,7 @@ def test_a_bad_study_fails_alone_and_the_cli_exits_nonzero(root, tmp_path):
 
 
 def test_preprocess_killed_midway_resumes_cleanly(tmp_path):
-    from cervspine.data.synthetic import write_rsna_folder
+    from cervspine.synthetic import write_rsna_folder
 
     root = tmp_path / "rsna"  # enough work (20 studies × ~150 slices) that the kill lands mid-way
     write_rsna_folder(root, n_train=20, n_test=0, size=64, slices=(140, 160), seed=9, seg_fraction=0.5)

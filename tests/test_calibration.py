@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from cervspine.calibration import IDENTITY, StudyCalibration, cross_fitted, fit_platt
-from cervspine.metrics import classification_report, rsna_score
+from cervspine.scoring.calibration import IDENTITY, StudyCalibration, cross_fitted, fit_platt
+from cervspine.scoring.metrics import classification_report, rsna_score
 
 
 def _draw(n: int, seed: int = 0, squash: float = 1.0, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from cervspine.data.cache import (
-    CacheParams,
+from cervspine.cache import CacheParams
+from cervspine.cache.entry import (
     _cached_volume_reference,
     _spine_boxes_reference,
     cached_volume,
@@ -74,7 +74,7 @@ def stages(tiny_root, tmp_path_factory):
 def test_predictor_speed_options_keep_the_outputs(stages, options):
     import torch
 
-    from cervspine.data.cache import CachedStudy
+    from cervspine.cache import CachedStudy
     from cervspine.inference import Predictor
 
     s1, s2, entry = stages

@@ -157,7 +157,7 @@ def test_ema_saves_averaged_weights_with_the_fitted_calibration(tiny_root, tmp_p
     last validation as it is (an average of it would still sit near its identity default)."""
     import torch
 
-    from cervspine.calibration import IDENTITY
+    from cervspine.scoring.calibration import IDENTITY
 
     ov = [*_fracture(tiny_root), "callbacks=ema", "callbacks.ema.decay=0.9", "trainer.max_epochs=2"]
     ov += ["+trainer.limit_train_batches=3", "+trainer.limit_val_batches=2"]

@@ -11,7 +11,13 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import pixel_array
 
-from cervspine.io.ljpeg import JPEG_LOSSLESS_SV1, encapsulate_frames, encode_frame, huffman_table, pack_bits
+from cervspine.synthetic.ljpeg import (
+    JPEG_LOSSLESS_SV1,
+    encapsulate_frames,
+    encode_frame,
+    huffman_table,
+    pack_bits,
+)
 
 libjpeg = pytest.importorskip("libjpeg")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cervspine import TARGETS, VERTEBRAE
-from cervspine.metrics import (
+from cervspine.scoring.metrics import (
     bootstrap_ci,
     classification_report,
     flatten_report,

@@ -120,10 +120,10 @@ def test_evaluate_scores_at_the_checkpoints_image_size(pipeline_run, tiny_root, 
 def test_an_ensemble_scores_the_mean_of_its_members_study_logits(pipeline_run, tiny_root, tmp_path):
     import torch
 
-    from cervspine.data.cache import CachedStudy
+    from cervspine.cache import CachedStudy
     from cervspine.evaluate import evaluate
     from cervspine.inference import EnsemblePredictor, Predictor, load_predictor
-    from cervspine.runs import stage_checkpoints
+    from cervspine.runs.layout import stage_checkpoints
 
     out, _ = pipeline_run
     s1, s2 = stage_checkpoints(out)

@@ -20,13 +20,19 @@ import pandas as pd
 import psutil
 import pytest
 
-from cervspine.data.cache import CachedStudy, CacheParams, build_entry, entry_is_current, source_fingerprint
-from cervspine.data.synthetic import write_rsna_folder
+from cervspine.cache import (
+    CachedStudy,
+    CacheParams,
+    build_entry,
+    entry_is_current,
+    preprocess,
+    source_fingerprint,
+)
 from cervspine.io import _decode
 from cervspine.io import dicom as dicom_mod
 from cervspine.io.rsna import RsnaIndex, write_csv_atomic
-from cervspine.preprocess import preprocess
-from cervspine.runinfo import write_json_atomic
+from cervspine.runs.info import write_json_atomic
+from cervspine.synthetic import write_rsna_folder
 
 ENOSPC = errno.ENOSPC
 

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate, generate_frames
 
-from cervspine.data.synthetic import PhantomParams, make_phantom, write_study_dicom
 from cervspine.io import CervspineInputError, Study, StudyReadError, load_study
+from cervspine.synthetic import PhantomParams, make_phantom, write_study_dicom
 from tests.test_io_dicom import AXIAL, write_series
 
 HEADER_BYTES = 1024  # most mutations land here: the pixel data of small files follows soon after

@@ -16,11 +16,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cervspine.data.cache import CachedStudy, CacheParams, build_entry
-from cervspine.data.synthetic import write_rsna_folder
+from cervspine.cache import CachedStudy, CacheParams, build_entry, preprocess
 from cervspine.io import CervspineInputError, StudyReadError, load_segmentation, load_study
 from cervspine.io.rsna import RsnaIndex
-from cervspine.preprocess import preprocess
+from cervspine.synthetic import write_rsna_folder
 from tests.conftest import TINY_DATA, TINY_STAGE2, hydra_config
 from tests.test_io_dicom import write_series
 from tests.test_io_nifti import labels_like, nifti_from_volume

@@ -20,9 +20,9 @@ import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from cervspine.guards import AtomicCheckpointIO, NonFiniteLossError, NonFiniteLossGuard
 from cervspine.models.fracture import FractureClassifier
 from cervspine.train import train
+from cervspine.training.guards import AtomicCheckpointIO, NonFiniteLossError, NonFiniteLossGuard
 from tests.conftest import TINY_DATA, TINY_STAGE2, hydra_config
 from tests.test_reliability_faults import mounted_tmpfs
 
@@ -81,9 +81,9 @@ def poison(monkeypatch) -> Iterator[Poison]:
 
 def test_the_guards_are_in_the_default_callbacks(tiny_root, tmp_path):
     with hydra_config("train", _overrides(tiny_root), tmp_path) as cfg:
-        assert cfg.callbacks.nonfinite_loss_guard._target_ == "cervspine.guards.NonFiniteLossGuard"
+        assert cfg.callbacks.nonfinite_loss_guard._target_ == "cervspine.training.guards.NonFiniteLossGuard"
         assert cfg.callbacks.nonfinite_loss_guard.action == "stop"
-        assert cfg.callbacks.atomic_checkpoints._target_ == "cervspine.guards.AtomicCheckpoints"
+        assert cfg.callbacks.atomic_checkpoints._target_ == "cervspine.training.guards.AtomicCheckpoints"
     with pytest.raises(ValueError, match="action"):
         NonFiniteLossGuard(action="ignore")
 

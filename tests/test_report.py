@@ -54,7 +54,7 @@ def _png_ok(path_or_bytes: Path | bytes) -> Image.Image:
 
 
 def test_youden_threshold_maximises_j_and_sits_between_scores():
-    from cervspine.report.stats import youden_j, youden_threshold
+    from cervspine.scoring.thresholds import youden_j, youden_threshold
 
     y, p = _fake(300, seed=1)
     t = youden_threshold(y[:, 2], p[:, 2])
@@ -66,7 +66,7 @@ def test_youden_threshold_maximises_j_and_sits_between_scores():
 
 
 def test_operating_threshold_is_youden_unless_given():
-    from cervspine.report.stats import YOUDEN_RULE, choose_thresholds, youden_threshold
+    from cervspine.scoring.thresholds import YOUDEN_RULE, choose_thresholds, youden_threshold
 
     y, p = _fake()
     chosen = choose_thresholds(y, p)
@@ -80,8 +80,8 @@ def test_operating_threshold_is_youden_unless_given():
 
 
 def test_bootstrap_intervals_bracket_the_point_estimates_and_match_torchmetrics():
-    from cervspine.metrics import classification_report
-    from cervspine.report.stats import METRICS, OperatingThreshold, bootstrap_table
+    from cervspine.scoring.metrics import classification_report
+    from cervspine.scoring.thresholds import METRICS, OperatingThreshold, bootstrap_table
 
     y, p = _fake(150, seed=2)
     table = bootstrap_table(y, p, OperatingThreshold(0.45, 0.45, "test"), n_boot=400)
@@ -165,12 +165,12 @@ def test_study_reports_for_the_test_folder(report_run, tiny_root):
 
 
 def test_gradcam_overlay_on_the_stage2_model(report_run, tiny_root, tmp_path):
-    from cervspine.data.cache import CachedStudy
+    from cervspine.cache import CachedStudy
     from cervspine.data.stage1_table import BOX_COLS, VIS_COLS
     from cervspine.inference import Predictor
     from cervspine.report import saliency
     from cervspine.report.study import write_study_report
-    from cervspine.runs import stage_checkpoints
+    from cervspine.runs.layout import stage_checkpoints
 
     predictor = Predictor(*stage_checkpoints(report_run), device="cpu")
     entry = next(p for p in sorted((tiny_root / ".cervspine_cache" / "s64").iterdir()) if p.name[0] != ".")

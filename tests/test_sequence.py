@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from cervspine import TARGETS, VERTEBRAE
-from cervspine.data.cache import CachedStudy, CacheParams
-from cervspine.data.sequence_datamodule import StudyGeometry, VertebraSequenceDataset
+from cervspine.cache import CachedStudy, CacheParams
+from cervspine.data.sequence import StudyGeometry, VertebraSequenceDataset
 from cervspine.data.spine import crop_pixels
 from cervspine.data.vertebra_crops import VertebraCropper, VertebraExtent, study_sequences
-from cervspine.metrics import prior_baseline
 from cervspine.models.sequence import VertebraSequenceClassifier, study_predictions
+from cervspine.scoring.metrics import prior_baseline
 from tests.conftest import TINY_DATA, TINY_STAGE2, hydra_config, tiny_pipeline_overrides
 
 SEQ = ["data.n_slices=4"]
@@ -28,8 +28,8 @@ SEQ = ["data.n_slices=4"]
 @pytest.fixture(scope="module")
 def cache(tiny_root) -> Path:
     """The tiny folder's cache at 64² (the one the training tests use)."""
+    from cervspine.cache import preprocess
     from cervspine.io.rsna import RsnaIndex
-    from cervspine.preprocess import preprocess
 
     cache_dir = tiny_root / ".cervspine_cache" / "s64"
     report = preprocess(RsnaIndex.from_root(tiny_root), cache_dir, CacheParams(image_size=64), progress=False)
@@ -322,7 +322,7 @@ def seq_pipeline(tiny_root, tmp_path_factory):
 
 
 def test_pipeline_with_the_sequence_model(seq_pipeline, tiny_root):
-    from cervspine.runs import best_checkpoint
+    from cervspine.runs.layout import best_checkpoint
 
     out, _ = seq_pipeline
     ckpt = torch.load(best_checkpoint(out / "stage2"), map_location="cpu", weights_only=False)

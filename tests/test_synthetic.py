@@ -14,7 +14,9 @@ import pydicom
 import pytest
 
 from cervspine import TARGETS, VERTEBRAE
-from cervspine.data.synthetic import (
+from cervspine.io import load_segmentation, load_study
+from cervspine.io.rsna import RsnaIndex
+from cervspine.synthetic.folder import (
     PAD_HU,
     TRANSFER_SYNTAXES,
     FolderSpec,
@@ -27,8 +29,6 @@ from cervspine.data.synthetic import (
     write_segmentation_nifti,
     write_study_dicom,
 )
-from cervspine.io import load_segmentation, load_study
-from cervspine.io.rsna import RsnaIndex
 
 PIXELS = {  # name: (signed, intercept, bits_stored)
     "signed_m1024": (True, -1024, 16),
@@ -318,8 +318,8 @@ def test_cli_writes_a_folder(tmp_path: Path) -> None:
 
 
 def test_synthetic_uids_avoid_the_known_bad_rsna_studies():
-    from cervspine.data.synthetic import _uids
     from cervspine.io.rsna import KNOWN_BAD_STUDIES
+    from cervspine.synthetic.folder import _uids
 
     class Draws:  # the generator's draw that once put 1.2.826.0.1.3680043.20574 in a held-out folder
         def choice(self, pool, size, replace):

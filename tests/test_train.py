@@ -111,8 +111,8 @@ def test_validation_scores_studies_and_checkpoints_on_rsna_score(tiny_root, tmp_
     best = Path(objects["summary"]["best_model_path"])
     assert best.is_file()
     # the study calibration fitted on the fold travels in the checkpoint and is what inference applies
-    from cervspine.calibration import IDENTITY
     from cervspine.inference import load_stage
+    from cervspine.scoring.calibration import IDENTITY
 
     saved = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]["study_calibration"]
     assert saved.shape == (4,) and tuple(saved.tolist()) != IDENTITY
@@ -137,7 +137,7 @@ def test_same_seed_repeats_a_cpu_run_exactly(tiny_root, tmp_path):
 @pytest.mark.slow
 def test_vertebrae_detector_learns_on_held_out_synthetic_studies(tmp_path):
     """A short CPU training reaches per-vertebra AUROC well above chance on the validation studies."""
-    from cervspine.data.synthetic import write_rsna_folder
+    from cervspine.synthetic import write_rsna_folder
 
     root = tmp_path / "rsna"
     write_rsna_folder(root, n_train=16, n_test=0, size=64, slices=(60, 70), seed=21, seg_fraction=1.0)

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from cervspine import TARGETS, VERTEBRAE
-from cervspine.data.cache import CachedStudy, CacheParams
+from cervspine.cache import CachedStudy, CacheParams
 from cervspine.data.datasets import FractureSliceDataset, VertebraeSliceDataset
 from cervspine.data.folds import assign_folds
 from cervspine.data.metadata import NUM_FEATURES, slice_features, study_features
@@ -76,7 +76,7 @@ class RsnaDataModule(L.LightningDataModule):
         return self._index
 
     def prepare_data(self) -> None:
-        from cervspine.preprocess import preprocess
+        from cervspine.cache import preprocess
 
         report = preprocess(
             self.index, self.cache_dir, self.cache_params, workers=self.preprocess_workers, progress=False

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cervspine.data.cache import CachedStudy
+from cervspine.cache import CachedStudy
 from cervspine.data.spine import crop_pixels
 from cervspine.data.transforms import resize_hwc, window_stack
 

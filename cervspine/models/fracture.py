@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from torchmetrics import CatMetric
 
 from cervspine import TARGETS, VERTEBRAE
-from cervspine.aggregate import AGGREGATORS, DEFAULT_EPS, aggregate_study
-from cervspine.calibration import IDENTITY, StudyCalibration, cross_fitted
-from cervspine.metrics import classification_report
 from cervspine.models.backbones import create_backbone
 from cervspine.models.losses import competition_loss
 from cervspine.models.optim import OptimizedModule
+from cervspine.scoring.aggregation import AGGREGATORS, DEFAULT_EPS, aggregate_study
+from cervspine.scoring.calibration import IDENTITY, StudyCalibration, cross_fitted
+from cervspine.scoring.metrics import classification_report
 
 
 class MetadataFusion(nn.Module):

@@ -21,10 +21,10 @@ import torch.nn as nn
 from torchmetrics import CatMetric
 
 from cervspine import TARGETS, VERTEBRAE
-from cervspine.metrics import classification_report, prior_baseline
 from cervspine.models.backbones import create_backbone
 from cervspine.models.losses import OVERALL_WEIGHTS, VERTEBRA_WEIGHTS, weighted_bce
 from cervspine.models.optim import OptimizedModule
+from cervspine.scoring.metrics import classification_report, prior_baseline
 
 N_VERT = len(VERTEBRAE)
 EPS = 1e-4

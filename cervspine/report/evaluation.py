@@ -15,10 +15,10 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from cervspine import TARGETS
-from cervspine.metrics import bootstrap_ci, rsna_score
 from cervspine.report import figures, html
-from cervspine.report.stats import METRICS, OperatingThreshold, bootstrap_table, choose_thresholds
-from cervspine.runinfo import write_json_atomic
+from cervspine.runs.info import write_json_atomic
+from cervspine.scoring.metrics import bootstrap_ci, rsna_score
+from cervspine.scoring.thresholds import METRICS, OperatingThreshold, bootstrap_table, choose_thresholds
 
 FIGURES = {
     "roc": "ROC curves",

@@ -10,8 +10,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from cervspine import TARGETS, __version__
 from cervspine.io.rsna import RsnaIndex
-from cervspine.runinfo import data_fingerprint, git_commit
-from cervspine.runs import is_synthetic
+from cervspine.runs.info import data_fingerprint, git_commit
+from cervspine.runs.layout import is_synthetic
 
 STAGES = ("stage1", "stage2")
 
@@ -119,7 +119,7 @@ def model_card(cfg: DictConfig, run_dir: str | Path, metrics: dict[str, Any] | N
         "Two stages on axial CT slices: stage 1 finds which of C1–C7 each slice shows and the spine's box; "
         "stage 2 scores fractures per slice (or per vertebra); slice scores are aggregated per study "
         "(C1–C7) and patient_overall = 1 − Π(1 − C_v); the slice classifier's study probabilities are then "
-        "Platt-scaled by a calibration fitted on its validation fold (`cervspine.calibration`).",
+        "Platt-scaled by a calibration fitted on its validation fold (`cervspine.scoring.calibration`).",
         "",
         *stage_lines,
         "",

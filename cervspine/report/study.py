@@ -19,12 +19,12 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from cervspine import TARGETS, VERTEBRAE
-from cervspine.data.cache import CachedStudy
+from cervspine.cache import CachedStudy
 from cervspine.data.stage1_table import BOX_COLS, VIS_COLS, vertebra_extents
 from cervspine.inference import Predictor, StudyPrediction
 from cervspine.models.fracture import FractureClassifier
 from cervspine.report import figures, html, saliency
-from cervspine.report.stats import OperatingThreshold, choose_thresholds
+from cervspine.scoring.thresholds import OperatingThreshold, choose_thresholds
 
 DISPLAY_WINDOW = (-500.0, 1300.0)  # bone window, L=400 W=1800
 SLAB_MM = 5.0  # thickness of the maximum-intensity slab of the reformats

@@ -238,7 +238,7 @@ def bench_study(transfer_syntax: str, *, size: int = 512, n_slices: int = 350, s
     """One realistic 512×512×350 study (int16, slice spacing 0.625 mm) written once under data/bench."""
     path = BENCH_DATA / f"study_{size}x{n_slices}_{transfer_syntax}_s{seed}"
     if not _stamp(path).is_file():
-        from cervspine.data.synthetic import write_study
+        from cervspine.synthetic import write_study
 
         t0 = time.perf_counter()
         with _building(path) as tmp:
@@ -254,7 +254,7 @@ def rsna_folder(
     tag = "unc" if uncompressed else "mixed"
     path = BENCH_DATA / f"rsna_{n_train}x{size}_{slices[0]}-{slices[1]}_{tag}_s{seed}"
     if not _stamp(path).is_file():
-        from cervspine.data.synthetic import write_rsna_folder
+        from cervspine.synthetic import write_rsna_folder
 
         quirks = {"transfer_syntax": {"explicit": 1.0}} if uncompressed else None
         t0 = time.perf_counter()

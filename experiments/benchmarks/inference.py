@@ -90,7 +90,7 @@ def naive_stages(predictor, study) -> tuple[np.ndarray, dict[str, float]]:
 
 
 def main() -> None:
-    from cervspine.data.cache import CacheParams, InMemoryStudy
+    from cervspine.cache import CacheParams, InMemoryStudy
     from cervspine.inference import Predictor, torch_threads
     from cervspine.io import load_study
     from experiments.benchmarks.loading import naive_load

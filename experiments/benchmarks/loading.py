@@ -178,10 +178,9 @@ def loader_rows(ts: str, repeats: int, quick: bool) -> list[Row]:
 
 
 def preprocess_rows(repeats: int, quick: bool) -> list[Row]:
-    from cervspine.data.cache import CacheParams
+    from cervspine.cache import CacheParams, preprocess
     from cervspine.io.dicom import shutdown_decoders
     from cervspine.io.rsna import RsnaIndex
-    from cervspine.preprocess import preprocess
 
     root = rsna_folder(8, 256, (100, 140))
     index = RsnaIndex.from_root(root, exclude=())

@@ -42,7 +42,7 @@ def _child(kind: str, variant: str) -> dict:
     import shutil
     import tempfile
 
-    from cervspine.data import cache
+    from cervspine.cache import entry as cache
     from experiments.benchmarks.common import PeakRSS
 
     if variant == "before":  # the whole-volume forms (before issue 7)
@@ -51,7 +51,7 @@ def _child(kind: str, variant: str) -> dict:
     if kind == "predict":
         import torch
 
-        from cervspine.data.cache import CacheParams, InMemoryStudy
+        from cervspine.cache import CacheParams, InMemoryStudy
         from cervspine.inference import Predictor
         from cervspine.io import load_study
         from experiments.benchmarks.inference import naive_stages
@@ -111,7 +111,7 @@ def in_memory_study_peaks() -> dict[str, int]:
     ``cached_volume`` and with the whole-volume form it replaced (numpy allocations are traced)."""
     import tracemalloc
 
-    from cervspine.data import cache
+    from cervspine.cache import entry as cache
     from cervspine.io import load_study
 
     study = load_study(bench_study("explicit"))

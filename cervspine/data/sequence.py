@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from cervspine import VERTEBRAE
-from cervspine.data.cache import CachedStudy
+from cervspine.cache import CachedStudy
 from cervspine.data.datamodules import RsnaDataModule
 from cervspine.data.stage1_table import read_stage1
 from cervspine.data.transforms import build_augment

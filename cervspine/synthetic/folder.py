@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from cervspine import VERTEBRAE
-from cervspine.data.synthetic_anatomy import (
+from cervspine.io.rsna import KNOWN_BAD_STUDIES
+from cervspine.synthetic.anatomy import (
     Anatomy,
     Fracture,
     SliceBox,
@@ -36,8 +37,7 @@ from cervspine.data.synthetic_anatomy import (
     sample_fractures,
     spine_centre,
 )
-from cervspine.io.ljpeg import JPEG_LOSSLESS_SV1, encapsulate_frames, encode_frame
-from cervspine.io.rsna import KNOWN_BAD_STUDIES
+from cervspine.synthetic.ljpeg import JPEG_LOSSLESS_SV1, encapsulate_frames, encode_frame
 
 UID_ROOT = "1.2.826.0.1.3680043"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"

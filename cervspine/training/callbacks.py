@@ -63,7 +63,7 @@ class ReportImagesCallback(Callback):
         if last is None or not trainer.is_global_zero or not wandb_loggers(trainer.loggers):
             return
         from cervspine.report.figures import roc_figure
-        from cervspine.runs import is_synthetic
+        from cervspine.runs.layout import is_synthetic
 
         _, preds, labels = last
         root = getattr(getattr(trainer, "datamodule", None), "root", None)

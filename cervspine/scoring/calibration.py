@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import minimize
 
-from cervspine.metrics import competition_weights
+from cervspine.scoring.metrics import competition_weights
 
 IDENTITY = (1.0, 0.0, 1.0, 0.0)
 _EPS = 1e-6

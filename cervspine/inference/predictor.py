@@ -18,8 +18,7 @@ import pandas as pd
 import torch
 
 from cervspine import TARGETS, VERTEBRAE
-from cervspine.aggregate import DEFAULT_EPS
-from cervspine.data.cache import CachedStudy
+from cervspine.cache import CachedStudy
 from cervspine.data.metadata import slice_features, study_features
 from cervspine.data.spine import crop_pixels, crop_track
 from cervspine.data.stage1_table import BOX_COLS, COLUMNS, VIS_COLS
@@ -29,6 +28,7 @@ from cervspine.data.visibility import normalize_visibility
 from cervspine.models.fracture import FractureClassifier, aggregate_slices
 from cervspine.models.sequence import VertebraSequenceClassifier
 from cervspine.models.vertebrae import VertebraeDetector
+from cervspine.scoring.aggregation import DEFAULT_EPS
 
 # stage-2 model classes by the name a checkpoint records (``model_class``); none recorded → slice model
 STAGE2_CLASSES: dict[str, type] = {

@@ -13,46 +13,16 @@ version) decides whether an existing entry is current.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from cervspine import VERTEBRAE
-
-CACHE_VERSION = 1
-HU_MIN, HU_MAX = -1024, 3071
-N_VERT = len(VERTEBRAE)
-
-
-@dataclass(frozen=True)
-class CacheParams:
-    """What the cache content depends on besides the source files."""
-
-    image_size: int | None = 256  # in-plane size after resizing; None keeps the original matrix
-    segmentation_method: str = "auto"
-
-    def key(self) -> dict[str, Any]:
-        return {**asdict(self), "version": CACHE_VERSION}
-
-
-def source_fingerprint(study_dir: Path, seg_path: Path | None, params: CacheParams) -> str:
-    """A hash of the source files' names, sizes and mtimes plus the cache parameters."""
-    h = hashlib.sha1(json.dumps(params.key(), sort_keys=True).encode())
-    files = sorted(p for p in Path(study_dir).iterdir() if p.is_file())
-    if seg_path is not None:
-        files.append(Path(seg_path))
-    for p in files:
-        st = p.stat()
-        h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
+from cervspine.cache.params import HU_MAX, HU_MIN, N_VERT, CacheParams, source_fingerprint
 
 
 def resize_stack(stack: np.ndarray, size: int | None, *, nearest: bool = False) -> np.ndarray:
@@ -241,70 +211,3 @@ def entry_is_current(entry: Path, fingerprint: str) -> bool:
         return json.loads(meta.read_text()).get("fingerprint") == fingerprint
     except (OSError, json.JSONDecodeError):
         return False
-
-
-class CachedStudy:
-    """Read access to one cache entry; the volume is memory-mapped, so slices load without the study."""
-
-    def __init__(self, entry: Path):
-        self.entry = Path(entry)
-        meta_path = self.entry / "meta.json"
-        if not meta_path.is_file():
-            raise FileNotFoundError(
-                f"{self.entry}: not a complete cache entry (no meta.json); run preprocess"
-            )
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
-
-    @property
-    def uid(self) -> str:
-        return self.meta["uid"]
-
-    @property
-    def num_slices(self) -> int:
-        return int(self.meta["shape"][0])
-
-    @cached_property
-    def volume(self) -> np.ndarray:
-        return np.load(self.entry / "volume.npy", mmap_mode="r")
-
-    @cached_property
-    def seg(self) -> np.ndarray | None:
-        p = self.entry / "seg.npy"
-        return np.load(p, mmap_mode="r") if p.is_file() else None
-
-    @cached_property
-    def vertebra_area(self) -> np.ndarray | None:
-        """(Z, 7) pixel counts of C1..C7 per slice, from the segmentation (None without one)."""
-        v = self.meta.get("vertebra_area")
-        return None if v is None else np.asarray(v, dtype=np.int64)
-
-    def vertebra_presence(self, threshold: float, unit: str = "fraction") -> np.ndarray | None:
-        """(Z, 7) float {0,1}: vertebra present where its area passes ``threshold`` (fraction or pixels)."""
-        if self.vertebra_area is None:
-            return None
-        if unit == "fraction":
-            return (area_fractions(self.vertebra_area) >= threshold).astype(np.float32)
-        if unit == "pixels":
-            return (self.vertebra_area >= threshold).astype(np.float32)
-        raise ValueError(f"presence unit must be 'fraction' or 'pixels', got {unit!r}")
-
-    @cached_property
-    def spine_box(self) -> np.ndarray | None:
-        v = self.meta.get("spine_box")
-        return None if v is None else np.array(v, dtype=np.float32)
-
-    def slices(self, indices: np.ndarray | list[int]) -> np.ndarray:
-        """HU int16 (len(indices), H, W); indices are clamped to the study (2.5D edges repeat)."""
-        idx = np.clip(np.asarray(indices), 0, self.num_slices - 1)
-        return np.asarray(self.volume[idx])
-
-
-class InMemoryStudy(CachedStudy):
-    """A study read straight from DICOM into the cache's form, without writing it (single-study use)."""
-
-    def __init__(self, study, params: CacheParams, split: str = "test"):
-        self.entry = Path(study.folder)
-        vol = cached_volume(study, params)
-        self.meta = study_meta(study, params, uid=study.uid, split=split, shape=vol.shape)
-        self.__dict__["volume"] = vol
-        self.__dict__["seg"] = None

@@ -1,0 +1,17 @@
+"""The preprocessed study cache: one memory-mapped folder per study, its parameters, the builder."""
+
+from cervspine.cache.builder import PreprocessReport, preprocess
+from cervspine.cache.entry import build_entry, entry_is_current
+from cervspine.cache.params import CacheParams, source_fingerprint
+from cervspine.cache.study import CachedStudy, InMemoryStudy
+
+__all__ = [
+    "CacheParams",
+    "CachedStudy",
+    "InMemoryStudy",
+    "PreprocessReport",
+    "build_entry",
+    "entry_is_current",
+    "preprocess",
+    "source_fingerprint",
+]

@@ -1,0 +1,1 @@
+from cervspine.synthetic.folder import *  # noqa: F403
