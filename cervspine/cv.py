@@ -16,8 +16,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from cervspine import TARGETS
-from cervspine.io.rsna import write_csv_atomic
-from cervspine.runs.info import write_json_atomic
+from cervspine.io.atomic import write_csv_atomic, write_json_atomic
 from cervspine.scoring.metrics import classification_report, rsna_score
 
 

@@ -22,8 +22,8 @@ from cervspine import TARGETS
 from cervspine.cache import CachedStudy, CacheParams, preprocess
 from cervspine.data.folds import assign_folds
 from cervspine.inference import Predictor, load_predictor
-from cervspine.io.rsna import RsnaIndex, write_csv_atomic
-from cervspine.runs.info import write_json_atomic
+from cervspine.io.atomic import write_csv_atomic, write_json_atomic
+from cervspine.io.rsna import RsnaIndex
 from cervspine.runs.layout import is_synthetic, stage_checkpoints, use_trained_image_size
 from cervspine.scoring.metrics import bootstrap_ci, classification_report, prior_baseline, rsna_score
 

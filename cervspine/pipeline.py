@@ -25,8 +25,9 @@ import cervspine.config  # noqa: F401
 from cervspine.cache import CachedStudy, CacheParams, preprocess
 from cervspine.data.stage1_table import vertebra_extents
 from cervspine.inference import Predictor, stage1_frame
-from cervspine.io.rsna import RsnaIndex, write_csv_atomic
-from cervspine.runs.info import data_fingerprint, write_json_atomic
+from cervspine.io.atomic import write_csv_atomic, write_json_atomic
+from cervspine.io.rsna import RsnaIndex
+from cervspine.runs.info import data_fingerprint
 from cervspine.runs.layout import best_checkpoint
 
 log = logging.getLogger(__name__)

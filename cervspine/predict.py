@@ -25,8 +25,8 @@ from cervspine.cache import CachedStudy, CacheParams, InMemoryStudy, preprocess
 from cervspine.data.stage1_table import vertebra_extents
 from cervspine.inference import EnsemblePredictor, Predictor, StudyPrediction, load_predictor
 from cervspine.io import load_study
-from cervspine.io.rsna import RsnaIndex, write_csv_atomic
-from cervspine.runs.info import write_json_atomic
+from cervspine.io.atomic import write_csv_atomic, write_json_atomic
+from cervspine.io.rsna import RsnaIndex
 from cervspine.runs.layout import is_synthetic, stage_checkpoints, use_trained_image_size
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import cervspine.config  # noqa: F401  (registers resolvers)
-from cervspine.runs.info import save_run_info, write_json_atomic
+from cervspine.io.atomic import write_json_atomic
+from cervspine.runs.info import save_run_info
 from cervspine.training.ddp import patch_lightning_hydra_ddp
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def write_oof_predictions(
     if model.last_val_predictions is None or not trainer.is_global_zero:
         return
     from cervspine import TARGETS
-    from cervspine.io.rsna import write_csv_atomic
+    from cervspine.io.atomic import write_csv_atomic
 
     uids, preds, labels = model.last_val_predictions
     table = pd.DataFrame(preds, columns=list(TARGETS))

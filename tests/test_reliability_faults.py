@@ -30,8 +30,8 @@ from cervspine.cache import (
 )
 from cervspine.io import _decode
 from cervspine.io import dicom as dicom_mod
-from cervspine.io.rsna import RsnaIndex, write_csv_atomic
-from cervspine.runs.info import write_json_atomic
+from cervspine.io.atomic import write_csv_atomic, write_json_atomic
+from cervspine.io.rsna import RsnaIndex
 from cervspine.synthetic import write_rsna_folder
 
 ENOSPC = errno.ENOSPC

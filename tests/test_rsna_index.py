@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from cervspine import TARGETS
+from cervspine.io.atomic import write_csv_atomic
 from cervspine.io.errors import CervspineInputError, CsvValidationError
 from cervspine.io.rsna import (
     KNOWN_BAD_STUDIES,
@@ -19,7 +20,6 @@ from cervspine.io.rsna import (
     read_train_labels,
     validate_box_slices,
     validate_boxes,
-    write_csv_atomic,
 )
 
 HEADER = "StudyInstanceUID,patient_overall,C1,C2,C3,C4,C5,C6,C7\n"

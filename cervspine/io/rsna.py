@@ -7,7 +7,6 @@ the CSV line numbers (header = line 1) and each problem found, all problems of a
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -267,23 +266,6 @@ def validate_box_slices(
 
 
 # ------------------------------------------------------------------------------------------------ output
-def write_csv_atomic(df: pd.DataFrame, path: str | os.PathLike[str], **to_csv_kwargs: Any) -> Path:
-    """Write ``df`` as CSV through a temp file in the same folder and ``os.replace`` (``index=False``
-    unless given). Readers never see a half-written file. Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    to_csv_kwargs.setdefault("index", False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            df.to_csv(handle, **to_csv_kwargs)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 # ------------------------------------------------------------------------------------------------- index
 def _empty_labels() -> pd.DataFrame:
     return pd.DataFrame(

@@ -15,8 +15,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from cervspine import TARGETS
+from cervspine.io.atomic import write_json_atomic
 from cervspine.report import figures, html
-from cervspine.runs.info import write_json_atomic
 from cervspine.scoring.metrics import bootstrap_ci, rsna_score
 from cervspine.scoring.thresholds import METRICS, OperatingThreshold, bootstrap_table, choose_thresholds
 

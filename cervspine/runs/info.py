@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.tree import Tree
 
+from cervspine.io.atomic import write_json_atomic
+
 
 def git_commit() -> str | None:
     """HEAD of the cervspine checkout (with -dirty when modified), or None outside git."""
@@ -84,18 +86,3 @@ def save_run_info(
         info = {**json.loads(prev.read_text()), **info}
     write_json_atomic(prev, info)
     return info
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON through a synced temporary file and a rename: the target is old or new, never partial."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(obj, indent=2, default=str))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

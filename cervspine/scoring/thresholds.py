@@ -1,7 +1,8 @@
 """The operating threshold (Youden's J) and vectorised bootstrap intervals of thresholded metrics.
 
 A prediction is positive when ``p > threshold`` (torchmetrics' convention, so point estimates agree with
-:func:`cervspine.scoring.metrics.classification_report`). Chosen thresholds lie halfway between two neighbouring
+:func:`cervspine.scoring.metrics.classification_report`). Chosen thresholds lie halfway between two
+neighbouring
 predicted scores, so ``>`` and ``>=`` give the same confusion matrix.
 """
 
