@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -16,7 +15,7 @@ import pytest
 from cervspine import TARGETS, VERTEBRAE
 from cervspine.io import load_segmentation, load_study
 from cervspine.io.rsna import RsnaIndex
-from cervspine.synthetic.folder import (
+from cervspine.synthetic import (
     PAD_HU,
     TRANSFER_SYNTAXES,
     FolderSpec,
@@ -176,13 +175,11 @@ def _dilate(mask: np.ndarray, n: int) -> np.ndarray:
     return binary_dilation(mask, iterations=n)
 
 
-def test_phantom_is_deterministic_and_fast() -> None:
+def test_phantom_is_deterministic() -> None:
+    """Same seed, same volume; another seed, another (its speed: experiments/benchmarks/synthetic.py)."""
     params = PhantomParams(size=128, n_slices=120, slice_spacing=0.625, fractured=("C7",))
-    t0 = time.perf_counter()
     a = make_phantom(9, params)
-    elapsed = time.perf_counter() - t0
     b = make_phantom(9, params)
-    assert elapsed < 1.5, f"{elapsed:.2f} s for 128x128x120"
     np.testing.assert_array_equal(a.volume, b.volume)
     assert not np.array_equal(a.volume, make_phantom(10, params).volume)
 
@@ -319,7 +316,7 @@ def test_cli_writes_a_folder(tmp_path: Path) -> None:
 
 def test_synthetic_uids_avoid_the_known_bad_rsna_studies():
     from cervspine.io.rsna import KNOWN_BAD_STUDIES
-    from cervspine.synthetic.folder import _uids
+    from cervspine.synthetic.plan import _uids
 
     class Draws:  # the generator's draw that once put 1.2.826.0.1.3680043.20574 in a held-out folder
         def choice(self, pool, size, replace):
