@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -19,8 +21,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from cervspine.io import Study, StudyReadError, _decode, load_study
-from cervspine.io import dicom as dicom_mod
+from cervspine.io import Study, StudyReadError, _fast_header, decode_pool, load_study
+from cervspine.io import headers as headers_mod
+from cervspine.io.dicom import shutdown_decoders
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # some pydicom test files
@@ -190,13 +193,13 @@ def test_fast_header_reader_matches_pydicom(name):
     path = Path(real_file(name))
     with open(path, "rb") as fh:
         try:
-            fast = dicom_mod._header_fast(path, fh)
-        except dicom_mod.fast_header.Unsupported:
+            fast = headers_mod._header_fast(path, fh)
+        except _fast_header.Unsupported:
             assert name == "MR_small_bigendian.dcm"
             return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        slow = dicom_mod._header_pydicom(path, pydicom.dcmread(path, defer_size=256))
+        slow = headers_mod._header_pydicom(path, pydicom.dcmread(path, defer_size=256))
     for key, value in vars(slow).items():
         if key != "ds":
             np.testing.assert_equal(getattr(fast, key), value, err_msg=key)
@@ -429,7 +432,7 @@ def test_bad_decoder_name(tmp_path):
 
 
 def _worker_died() -> bool:
-    pool = _decode._POOL
+    pool = decode_pool._POOL
     return pool is not None and any(not w.alive() for w in pool.workers)
 
 
@@ -437,16 +440,29 @@ def _worker_died() -> bool:
 def test_worker_crash_falls_back_to_pydicom(tmp_path, monkeypatch, victim):
     sources = study_from_real(real_file("bad_sequence.dcm"), tmp_path / "s", n=5)
     expected = np.stack([reference_hu(ds) for ds in sources])
-    monkeypatch.setenv(dicom_mod.CRASH_TEST_ENV, victim)
+    monkeypatch.setenv(decode_pool.CRASH_TEST_ENV, victim)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the fallback is silent and complete: nothing dropped
         study = load_study(tmp_path / "s", decoder="dicomsdl")
     assert _worker_died(), "the crash hook did not kill a worker"
     np.testing.assert_array_equal(study.volume, expected)
     assert study.metadata["dropped_files"] == []
-    monkeypatch.delenv(dicom_mod.CRASH_TEST_ENV)
+    monkeypatch.delenv(decode_pool.CRASH_TEST_ENV)
     np.testing.assert_array_equal(load_study(tmp_path / "s", decoder="dicomsdl").volume, expected)
     assert not _worker_died()
+
+
+def test_decoder_worker_imports_nothing_of_cervspine(tmp_path):
+    # the worker is started from its file path, as Worker does: it must not need (or import) the package
+    code = (
+        "import runpy, sys; runpy.run_path(sys.argv[1], run_name='worker'); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'cervspine'))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, decode_pool.WORKER_SCRIPT], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
 
 
 def test_dicomsdl_failure_retried_with_pydicom(tmp_path):
@@ -461,8 +477,8 @@ def test_dicomsdl_failure_retried_with_pydicom(tmp_path):
 
 def test_shutdown_and_restart_pool(tmp_path):
     sources = study_from_real(real_file("MR_small_RLE.dcm"), tmp_path / "s", n=2)
-    dicom_mod.shutdown_decoders()
-    assert _decode._POOL is None
+    shutdown_decoders()
+    assert decode_pool._POOL is None
     study = load_study(tmp_path / "s")
     np.testing.assert_array_equal(study.volume, np.stack([reference_hu(ds) for ds in sources]))
     assert isinstance(study, Study)
@@ -473,16 +489,16 @@ def test_forked_child_gets_its_own_pool(tmp_path):
     sources = study_from_real(real_file("bad_sequence.dcm"), tmp_path / "s", n=2)
     expected = np.stack([reference_hu(ds) for ds in sources])
     load_study(tmp_path / "s")  # the parent's pool is up
-    parent_workers = list(_decode._POOL.workers)
+    parent_workers = list(decode_pool._POOL.workers)
     pid = os.fork()
     if pid == 0:  # child: must not talk to the parent's workers
         code = 1
         try:
-            ok = _decode._POOL is None and np.array_equal(load_study(tmp_path / "s").volume, expected)
+            ok = decode_pool._POOL is None and np.array_equal(load_study(tmp_path / "s").volume, expected)
             code = 0 if ok else 2
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert all(w.alive() for w in parent_workers) and _decode._POOL.workers == parent_workers
+    assert all(w.alive() for w in parent_workers) and decode_pool._POOL.workers == parent_workers
     np.testing.assert_array_equal(load_study(tmp_path / "s").volume, expected)

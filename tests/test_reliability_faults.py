@@ -28,9 +28,9 @@ from cervspine.cache import (
     preprocess,
     source_fingerprint,
 )
-from cervspine.io import _decode
-from cervspine.io import dicom as dicom_mod
+from cervspine.io import decode_pool
 from cervspine.io.atomic import write_csv_atomic, write_json_atomic
+from cervspine.io.dicom import shutdown_decoders
 from cervspine.io.rsna import RsnaIndex
 from cervspine.synthetic import write_rsna_folder
 
@@ -161,17 +161,17 @@ def test_decoder_crashes_during_preprocess_fall_back_and_the_run_goes_on(small_r
     params = CacheParams(image_size=None)
     reference = preprocess(index, tmp_path / "ref", params, workers=1, progress=False)
     assert reference.ok
-    monkeypatch.setenv(dicom_mod.CRASH_TEST_ENV, "*")  # every dicomsdl worker dies on its first slice
-    dicom_mod.shutdown_decoders()
+    monkeypatch.setenv(decode_pool.CRASH_TEST_ENV, "*")  # every dicomsdl worker dies on its first slice
+    shutdown_decoders()
     crashed = preprocess(index, tmp_path / "crash", params, workers=1, progress=False)
-    assert any(not w.alive() for w in _decode.get_pool().workers), "the crash hook killed no worker"
+    assert any(not w.alive() for w in decode_pool.get_pool().workers), "the crash hook killed no worker"
     assert crashed.ok and sorted(crashed.built) == sorted(reference.built)
     for entry in _entries(tmp_path / "ref"):
         other = CachedStudy(tmp_path / "crash" / entry.name)
         np.testing.assert_array_equal(other.volume, CachedStudy(entry).volume)
         assert other.meta["metadata"]["dropped_files"] == []
-    monkeypatch.delenv(dicom_mod.CRASH_TEST_ENV)
-    dicom_mod.shutdown_decoders()
+    monkeypatch.delenv(decode_pool.CRASH_TEST_ENV)
+    shutdown_decoders()
 
 
 # -------------------------------------------------------------------------- preprocess killed mid-way

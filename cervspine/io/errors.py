@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from pathlib import Path
+
 
 class CervspineInputError(ValueError):
     """Bad input data (DICOM, NIfTI, CSV, folder layout)."""
@@ -17,3 +20,10 @@ class SegmentationError(CervspineInputError):
 
 class CsvValidationError(CervspineInputError):
     """An RSNA CSV file has missing columns or invalid rows."""
+
+
+def file_names(paths: Iterable[Path | str], limit: int = 8) -> str:
+    """The base names of ``paths`` for a message, the first ``limit`` of them and how many more."""
+    names = [Path(p).name for p in paths]
+    more = f" … (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more

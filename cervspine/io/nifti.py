@@ -22,8 +22,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from cervspine.io.dicom import superior_normal
 from cervspine.io.errors import SegmentationError
+from cervspine.io.geometry import superior_normal
 from cervspine.io.study import Study
 
 __all__ = ["load_segmentation", "MAX_LABEL", "METHODS"]

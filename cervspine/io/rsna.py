@@ -441,3 +441,8 @@ def _require_folders(uids: list[str], folders: set[str], csv_path: Path, images:
             f"{csv_path}: {len(missing)} of {len(uids)} studies have no folder under {images}: "
             f"{_listing(missing)}"
         )
+
+
+def is_synthetic(root: str | Path) -> bool:
+    """True for folders made by ``cervspine.synthesize`` (they carry ``synthetic_manifest.csv``)."""
+    return (Path(root) / "synthetic_manifest.csv").is_file()
