@@ -1,6 +1,8 @@
 """Write a synthetic RSNA-layout folder.
 
 ``python -m cervspine.synthesize out=DIR n_train=24 n_test=4 size=128 seed=0`` (see conf/synthesize.yaml).
+A generator variant without the easy cues: ``... variant=hard`` (options given beside it win, e.g.
+``variant=hard subaxial_shape=graded z_coverage=full 'fov_mm=[150,200]'``).
 """
 
 from __future__ import annotations

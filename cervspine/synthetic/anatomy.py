@@ -1,8 +1,13 @@
 """One study's analytic cervical-spine anatomy: level layout, bones, discs and soft-tissue knots.
 
 ``build_anatomy`` draws sizes, level heights, HU values and curvature, and builds C1 (atlas), C2 (axis,
-with the dens), C3..T3, the skull base and jaw, and the first ribs from the shapes of
+with the dens), C3..T3 (optionally T4), the skull base and jaw, and the first ribs from the shapes of
 :mod:`cervspine.synthetic.shapes`; ``spine_centre`` places the spine in the image, slice by slice.
+
+C3–C7 are ``graded`` (sizes growing C3 → C7, as the generator always drew them) or ``uniform``: one shape
+family with a per-study scale (sd ≈ 12 %) far wider than the few-per-cent, trendless level-to-level jitter,
+so that a level cannot be told from its cross-section. The extra draws of ``uniform`` and T4 come from a
+separate stream, so the default anatomy is unchanged.
 """
 
 from __future__ import annotations
@@ -13,9 +18,16 @@ import numpy as np
 
 from cervspine.synthetic.shapes import Bone, Capsule, Component, Ellipse, Part, Peg, Ring, Shape
 
-THORACIC = ("T1", "T2", "T3")
-LEVELS = ("C1", "C2", "C3", "C4", "C5", "C6", "C7", *THORACIC)
+THORACIC = ("T1", "T2", "T3", "T4")  # T4 is built only on request (n_thoracic=4)
+SUBAXIAL = ("C3", "C4", "C5", "C6", "C7")
+LEVELS = ("C1", "C2", *SUBAXIAL, *THORACIC)
 LABELS = {name: i + 1 for i, name in enumerate(LEVELS)}  # 1..7 = C1..C7, 8.. = T1..
+SUBAXIAL_SHAPES = ("graded", "uniform")
+_SPINOUS = {"C3": 14, "C4": 14, "C5": 15, "C6": 19, "C7": 27}  # graded spinous process length, mm
+# uniform C3–C7: one template (the graded means), mm: body w, d, canal w, d; spinous; body height
+_UNIFORM = {"dims": (18.5, 16.0, 24.5, 15.0), "spinous": 18.0, "height": 14.3}
+_UNIFORM_SCALE_SD = 0.11  # log-sd of the per-study scale (× the shared f: sd ≈ 12 % in all)
+_UNIFORM_JITTER = 0.04  # per level and quantity: × U(1 - j, 1 + j), independent, no trend
 
 
 @dataclass
@@ -35,17 +47,27 @@ class Anatomy:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-def _level_layout(rng: np.random.Generator, fz: float) -> dict[str, tuple[float, float]]:
-    """Body s-ranges: C1 ring, C2 body (dens above it), C3..T3 bodies with discs between."""
+Sizes = dict[str, tuple[float, float]]  # level → (gap above its body, body height), mm
+
+
+def _level_sizes(rng: np.random.Generator, fz: float) -> Sizes:
+    """Disc above and body (or C1 ring) height of C1..T3, drawn in the generator's historic order."""
     heights = {"C3": 14.0, "C4": 14.0, "C5": 14.0, "C6": 14.5, "C7": 15.0, "T1": 17.0, "T2": 18.0, "T3": 19.0}
     jitter = lambda: fz * rng.uniform(0.95, 1.05)
-    levels = {"C1": (0.0, 11.0 * jitter())}
-    c2_top = levels["C1"][1] + 3.0 * fz
-    levels["C2"] = (c2_top, c2_top + 17.0 * jitter())
-    s = levels["C2"][1]
+    sizes = {"C1": (0.0, 11.0 * jitter()), "C2": (3.0 * fz, 17.0 * jitter())}
     for name, h in heights.items():
-        s += (4.5 if name in THORACIC else 5.0) * jitter()  # the disc above
-        levels[name] = (s, s + h * jitter())
+        disc = (4.5 if name in THORACIC else 5.0) * jitter()
+        sizes[name] = (disc, h * jitter())
+    return sizes
+
+
+def _layout(sizes: Sizes) -> dict[str, tuple[float, float]]:
+    """Body s-ranges: C1 ring at 0, then each level below the gap above it."""
+    levels = {"C1": (0.0, sizes["C1"][1])}
+    s = levels["C1"][1]
+    for name, (gap, height) in list(sizes.items())[1:]:
+        s += gap
+        levels[name] = (s, s + height)
         s = levels[name][1]
     return levels
 
@@ -134,12 +156,36 @@ def _posterior(
     return Component(tuple(parts), tuple(holes))
 
 
-def _subaxial(name: str, f: float, s0: float, s1: float, dims: tuple[float, ...]) -> Bone:
-    """C3..T3: body plus posterior elements (longer, steeper spinous processes lower down)."""
+def _uniform_subaxial(
+    rng: np.random.Generator, f: float, fz: float, sizes: Sizes, dims: dict, spinous: dict[str, float]
+) -> None:
+    """Redraw C3–C7 (in place) from one shape family: per-study scale and proportions, per-level jitter."""
+    g = float(np.clip(np.exp(rng.normal(0.0, _UNIFORM_SCALE_SD)), 0.75, 1.3))
+    aspect, canal, spine = rng.uniform(0.92, 1.08), rng.uniform(0.92, 1.08), rng.uniform(0.8, 1.25)
+    bw, bd, cw, cd = _UNIFORM["dims"]
+    shape = (bw * aspect, bd / aspect, cw * canal, cd * canal)
+    jit = lambda: rng.uniform(1.0 - _UNIFORM_JITTER, 1.0 + _UNIFORM_JITTER)
+    for name in SUBAXIAL:
+        dims[name] = tuple(f * g * v * jit() for v in shape)
+        spinous[name] = f * g * spine * _UNIFORM["spinous"] * jit()
+        sizes[name] = (sizes[name][0], fz * g * _UNIFORM["height"] * jit())
+
+
+def _add_t4(rng: np.random.Generator, f: float, fz: float, sizes: Sizes, dims: dict) -> None:
+    """T4 below T3 (in place), for scans that may reach it."""
+    jitter = lambda: rng.uniform(0.95, 1.05)
+    sizes["T4"] = (4.5 * fz * jitter(), 20.0 * fz * jitter())
+    dims["T4"] = tuple(f * v * jitter() for v in (27, 22, 16, 14))
+
+
+def _subaxial(
+    name: str, f: float, s0: float, s1: float, dims: tuple[float, ...], spinous: float | None = None
+) -> Bone:
+    """C3..T4: body plus posterior elements (graded: longer, steeper spinous processes lower down)."""
     bw, bd, cw, cd = dims
     h = s1 - s0
     thoracic = name in THORACIC
-    spinous = {"C3": 14, "C4": 14, "C5": 15, "C6": 19, "C7": 27}.get(name, 30) * f
+    spinous = _SPINOUS.get(name, 30) * f if spinous is None else spinous
     slope = 0.75 if thoracic else 0.35
     body = Component((Part(Ellipse(0, 0, bw / 2, bd / 2), s0, s1),))
     post = _posterior(
@@ -204,7 +250,7 @@ def _knots(f: float, fn: float, dims: dict[str, tuple[float, ...]], levels: dict
         "airway_b": f * np.array([9, 7, 7, 8, 8, 8]),
         "airway_cy": f * np.array([-24, -20, -22, -28, -32, -36]),
     }
-    names = ["C2", "C3", "C4", "C5", "C6", "C7", *THORACIC]
+    names = [n for n in LEVELS[1:] if n in levels]
     canal_s = [mid["C1"]] + [mid[n] for n in names]
     canal = [(14 * f, 11 * f, 9.5 * f)] + [
         (dims[n][1] / 2 + dims[n][3] / 2 + 0.5, dims[n][2] / 2, dims[n][3] / 2) for n in names
@@ -215,7 +261,7 @@ def _knots(f: float, fn: float, dims: dict[str, tuple[float, ...]], levels: dict
 
 
 def _discs(levels: dict, dims: dict) -> list[Part]:
-    names = ["C2", "C3", "C4", "C5", "C6", "C7", *THORACIC]
+    names = [n for n in LEVELS[1:] if n in levels]
     discs = []
     for up, lo in zip(names[:-1], names[1:]):
         a = 0.5 * (dims[up][0] + dims[lo][0]) / 2
@@ -224,13 +270,34 @@ def _discs(levels: dict, dims: dict) -> list[Part]:
     return discs
 
 
-def build_anatomy(rng: np.random.Generator) -> Anatomy:
-    """Draw one study's anatomy: sizes, level heights, HU values and curvature."""
+def build_anatomy(
+    rng: np.random.Generator,
+    *,
+    subaxial_shape: str = "graded",
+    n_thoracic: int = 3,
+    rng_extra: np.random.Generator | None = None,
+) -> Anatomy:
+    """Draw one study's anatomy: sizes, level heights, HU values and curvature.
+
+    ``subaxial_shape="uniform"`` redraws C3–C7 from one shape family and ``n_thoracic=4`` adds T4, both
+    from ``rng_extra`` (``rng`` is consumed exactly as for the default anatomy).
+    """
+    if subaxial_shape not in SUBAXIAL_SHAPES or n_thoracic not in (3, 4):
+        raise ValueError(f"subaxial_shape must be one of {SUBAXIAL_SHAPES}, n_thoracic 3 or 4")
     f, fz, fn = rng.uniform(0.9, 1.12), rng.uniform(0.9, 1.1), rng.uniform(0.88, 1.12)
-    levels = _level_layout(rng, fz)
+    sizes = _level_sizes(rng, fz)
     dims = _dims(rng, f)
+    spinous = {n: _SPINOUS[n] * f for n in SUBAXIAL}
+    extra = rng_extra if rng_extra is not None else np.random.default_rng(0)
+    if subaxial_shape == "uniform":
+        _uniform_subaxial(extra, f, fz, sizes, dims, spinous)
+    if n_thoracic == 4:
+        _add_t4(extra, f, fz, sizes, dims)
+    levels = _layout(sizes)
     bones = [_atlas(f, *levels["C1"]), _axis(f, *levels["C2"], dims["C2"], levels["C1"][0])]
-    bones += [_subaxial(n, f, *levels[n], dims[n]) for n in ("C3", "C4", "C5", "C6", "C7", *THORACIC)]
+    bones += [
+        _subaxial(n, f, *levels[n], dims[n], spinous.get(n)) for n in (*SUBAXIAL, *THORACIC) if n in levels
+    ]
     bones.append(_skull_and_jaw(f))
     bones += [_ribs(f, b, dims[b.name]) for b in bones if b.name in THORACIC]
     hu = {

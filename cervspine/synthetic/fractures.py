@@ -1,13 +1,15 @@
 """Fracture sites: planes that cut a gap through one component of a vertebra and shift one fragment.
 
 ``sample_fractures`` draws sites for every cervical vertebra of an anatomy; the caller keeps those of
-the fractured ones (so a study's geometry is the same whichever set is fractured).
+the fractured ones (so a study's geometry is the same whichever set is fractured). ``within_scan``
+redraws the sites of a partly scanned vertebra inside the scanned s-range, and ``make_subtle`` narrows a
+share of fractures to a 1–2 pixel gap and a one-pixel step-off at a given (cache) pixel size.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -27,6 +29,7 @@ class Fracture:
     gap_mm: float
     shift: tuple[float, float]
     radius: float = math.inf  # local fracture: gap and shift fade out beyond this distance
+    subtle: bool = False  # drawn by make_subtle: 1–2 cache pixels wide, one-pixel step-off
 
 
 def _unit(v: np.ndarray) -> tuple[float, float, float]:
@@ -113,4 +116,74 @@ def sample_fractures(
     for bone in anat.bones[:7]:
         n = 1 + int(rng.random() < 0.3)
         out[bone.name] = [_sample_site(rng, bone, anat, gap_mm, shift_mm) for _ in range(n)]
+    return out
+
+
+def within_scan(
+    rng: np.random.Generator,
+    anat: Anatomy,
+    fractures: dict[str, list[Fracture]],
+    window: tuple[float, float],
+    gap: tuple[float, float],
+    shift: tuple[float, float],
+    margin: float = 1.0,
+    tries: int = 40,
+) -> dict[str, list[Fracture]]:
+    """Sites whose centre lies outside ``window`` (s, mm, shrunk by margin) redrawn inside it.
+
+    A vertebra with little of it scanned falls back to a body (C1: ring) break whose centre is moved into
+    the scanned part of that body; the plan only fractures vertebrae with enough of it in the scan.
+    """
+    lo, hi = window[0] + margin, window[1] - margin
+    bones = {b.name: b for b in anat.bones[:7]}
+    out: dict[str, list[Fracture]] = {}
+    for name, sites in fractures.items():
+        out[name] = []
+        for site in sites:
+            for _ in range(tries):
+                if lo <= site.point[2] <= hi:
+                    break
+                site = _sample_site(rng, bones[name], anat, gap, shift)
+            if not lo <= site.point[2] <= hi:
+                site = _clamped_site(rng, bones[name], anat, site, lo, hi)
+            out[name].append(site)
+    return out
+
+
+def _clamped_site(
+    rng: np.random.Generator, bone: Bone, anat: Anatomy, site: Fracture, lo: float, hi: float
+) -> Fracture:
+    """A body (C1: ring) site with its centre moved into the scanned part of that body."""
+    gap, mag = (site.gap_mm,) * 2, (math.hypot(*site.shift),) * 2
+    for _ in range(100):
+        if site.kind == ("arch" if bone.name == "C1" else "body"):
+            break
+        site = _sample_site(rng, bone, anat, gap, mag)
+    part = bone.components["post" if bone.name == "C1" else "body"].parts[0]
+    a, b = max(lo, part.s0), min(hi, part.s1)
+    s = 0.5 * (a + b) if a <= b else float(np.clip(site.point[2], part.s0, part.s1))
+    return replace(site, point=(site.point[0], site.point[1], float(s)))
+
+
+def make_subtle(
+    rng: np.random.Generator, fractures: dict[str, list[Fracture]], fraction: float, px_mm: float
+) -> dict[str, list[Fracture]]:
+    """A share ``fraction`` of fractured vertebrae get a gap of U(1, 2)·px_mm and a px_mm step-off.
+
+    One draw per cervical vertebra in a fixed order, so which vertebrae turn subtle does not depend on
+    the fractured set.
+    """
+    picks = {name: rng.random() < fraction for name in ("C1", "C2", "C3", "C4", "C5", "C6", "C7")}
+    out = {}
+    for name, sites in fractures.items():
+        if not picks[name]:
+            out[name] = sites
+            continue
+        out[name] = []
+        for site in sites:
+            sx, sy = site.shift
+            norm = math.hypot(sx, sy) or 1.0
+            gap = float(rng.uniform(1.0, 2.0) * px_mm)
+            step = (sx / norm * px_mm, sy / norm * px_mm)
+            out[name].append(replace(site, gap_mm=gap, shift=step, subtle=True))
     return out

@@ -2,6 +2,12 @@
 
 ``plan_folder`` turns a :class:`FolderSpec` into :class:`StudyPlan` s (decided up front, so studies can
 be written in parallel); label and quirk frequencies follow the real train set.
+
+The cue-removing options (``subaxial_shape``, ``z_coverage``, ``fov_mm``/``centre_shift_mm``,
+``subtle_fraction``; presets in :mod:`.variants`) draw from per-study streams of their own, so the main
+plan stream, and so every default folder, is unchanged. With a to-scale z coverage the plan builds each
+study's anatomy, picks the scanned window, derives the slice count (coverage / spacing) and moves a
+fracture planned on a vertebra the scan misses (or barely touches) to one it shows.
 """
 
 from __future__ import annotations
@@ -13,13 +19,16 @@ import numpy as np
 
 from cervspine import VERTEBRAE
 from cervspine.io.rsna import KNOWN_BAD_STUDIES
+from cervspine.synthetic.anatomy import SUBAXIAL_SHAPES
+from cervspine.synthetic.coverage import MIN_FRACTURE_MM, Z_COVERAGES, Placement, scan_window, scanned_mm
 from cervspine.synthetic.dicom_writer import DicomOptions, transfer_syntax_uid
-from cervspine.synthetic.phantom import UID_ROOT, PhantomParams
+from cervspine.synthetic.phantom import UID_ROOT, PhantomParams, study_anatomy
 
 # Share of all studies with each vertebra fractured in the real train set (C1..C7).
 VERTEBRA_WEIGHTS = np.array([0.072, 0.141, 0.036, 0.053, 0.080, 0.137, 0.195])
 _N_FRACTURED_P = np.array([0.55, 0.27, 0.12, 0.06])  # 1..4 fractured vertebrae in a positive study
-_STANDARD_SPACINGS = (0.5, 0.6, 0.625, 0.7, 0.75, 0.8, 1.0, 1.25)
+_STANDARD_SPACINGS = (0.5, 0.6, 0.625, 0.7, 0.75, 0.8, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
+_VARIANT_STREAM = 52711  # tag of the per-study streams of the cue-removing options
 
 
 @dataclass(frozen=True)
@@ -116,6 +125,13 @@ class FolderSpec:
     quirks: Quirks = field(default_factory=Quirks)
     fracture_gap_mm: tuple[float, float] = (1.5, 4.5)
     fracture_shift_mm: tuple[float, float] = (1.5, 4.5)
+    variant: str = "default"  # the preset these options came from (recorded only)
+    subaxial_shape: str = "graded"
+    z_coverage: str = "fitted"
+    fov_mm: tuple[float, float] | None = None
+    centre_shift_mm: float = 0.0
+    subtle_fraction: float = 0.0
+    subtle_cache_size: int = 128
 
     def __post_init__(self) -> None:
         lo, hi = self.slices
@@ -125,6 +141,65 @@ class FolderSpec:
             )
         if not self.spacing[0] <= self.spacing[1] or self.spacing[0] <= 0:
             raise ValueError(f"bad spacing range {self.spacing}")
+        if self.subaxial_shape not in SUBAXIAL_SHAPES or self.z_coverage not in Z_COVERAGES:
+            raise ValueError(
+                f"subaxial_shape must be one of {SUBAXIAL_SHAPES} (got {self.subaxial_shape!r}), "
+                f"z_coverage one of {Z_COVERAGES} (got {self.z_coverage!r})"
+            )
+        if self.fov_mm is not None and not 0 < self.fov_mm[0] <= self.fov_mm[1]:
+            raise ValueError(f"bad fov_mm range {self.fov_mm}")
+        if self.centre_shift_mm < 0 or not 0 <= self.subtle_fraction <= 1 or self.subtle_cache_size < 8:
+            raise ValueError(
+                f"need centre_shift_mm >= 0, 0 <= subtle_fraction <= 1, subtle_cache_size >= 8; got "
+                f"{self.centre_shift_mm}, {self.subtle_fraction}, {self.subtle_cache_size}"
+            )
+
+    @property
+    def to_scale(self) -> bool:
+        """Whether the anatomy is to scale along z (slice count = coverage / spacing)."""
+        return self.z_coverage != "fitted"
+
+
+def _variant_params(spec: FolderSpec, params: PhantomParams, seed: int, key: list[int]) -> PhantomParams:
+    """The cue-removing options applied to one study's default params, from the study's own streams."""
+    rng_cover, rng_frac, rng_place = (
+        np.random.default_rng(s) for s in np.random.SeedSequence([*key, _VARIANT_STREAM]).spawn(3)
+    )
+    params = replace(
+        params,
+        subaxial_shape=spec.subaxial_shape,
+        n_thoracic=4 if spec.z_coverage == "random" else 3,
+        subtle_fraction=spec.subtle_fraction,
+        subtle_cache_size=spec.subtle_cache_size,
+    )
+    if spec.fov_mm is not None or spec.centre_shift_mm > 0:
+        fov = None if spec.fov_mm is None else round(float(rng_place.uniform(*spec.fov_mm)), 3)
+        c = spec.centre_shift_mm
+        shift = tuple(float(v) for v in rng_place.uniform(-c, c, size=2)) if c > 0 else (0.0, 0.0)
+        params = replace(params, placement=Placement(fov, shift))
+    if not spec.to_scale:
+        return params
+    anat = study_anatomy(seed, params)
+    dz = round(params.slice_spacing, 4)
+    top, bottom = scan_window(anat, spec.z_coverage, rng_cover)
+    n = max(2, int(round((bottom - top) / dz)))
+    window = (top, top + n * dz)
+    return replace(params, n_slices=n, scan_s=window, fractured=_honest(rng_frac, params, anat, window, dz))
+
+
+def _honest(rng: np.random.Generator, params: PhantomParams, anat, window, dz: float) -> tuple[str, ...]:
+    """The planned fractured set, each vertebra the scan misses (or barely touches) swapped for one it
+    shows (dropped when none is left): a label never names a vertebra outside the scan."""
+    seen = scanned_mm(anat, window)
+    ok = [v for v in VERTEBRAE if seen[v] >= max(MIN_FRACTURE_MM, 1.5 * dz)]
+    out = [v for v in params.fractured if v in ok]
+    for _ in range(len(params.fractured) - len(out)):
+        free = [v for v in ok if v not in out]
+        if not free:
+            break
+        w = np.array([VERTEBRA_WEIGHTS[VERTEBRAE.index(v)] for v in free])
+        out.append(free[int(rng.choice(len(free), p=w / w.sum()))])
+    return tuple(v for v in VERTEBRAE if v in out)
 
 
 def _plan_split(
@@ -148,8 +223,19 @@ def _plan_split(
             fracture_shift_mm=spec.fracture_shift_mm,
         )
         study_seed = int(np.random.SeedSequence([spec.seed, offset + i]).generate_state(1)[0])
+        if uses_variants(spec):
+            params = _variant_params(spec, params, study_seed, [spec.seed, offset + i])
         plans.append(StudyPlan(uid, split, study_seed, params, options, seg_noise=spec.seg_noise))
     return plans
+
+
+_VARIANT_FIELDS = ("variant", "subaxial_shape", "z_coverage", "fov_mm", "centre_shift_mm", "subtle_fraction")
+
+
+def uses_variants(spec: FolderSpec) -> bool:
+    """Whether any cue-removing option differs from the historic generator (then the manifest says so)."""
+    d = FolderSpec()
+    return any(getattr(spec, k) != getattr(d, k) for k in _VARIANT_FIELDS)
 
 
 def _subset(rng: np.random.Generator, items: list[int], fraction: float) -> set[int]:
