@@ -40,6 +40,17 @@ def _cpu_precision() -> str:
     return "bf16-mixed" if native else "32-true"
 
 
+def _conf_dir(sub: str = "") -> str:
+    """An absolute path inside conf/ (``hydra.searchpath`` resolves relative paths from the cwd)."""
+    return str(CONF_DIR / sub)
+
+
+def _cache_dir(root: str, image_size: int | None) -> str:
+    from cervspine.cache.params import default_cache_dir
+
+    return str(default_cache_dir(root, image_size))
+
+
 def _wandb_offline() -> bool:
     """Offline unless the user has a W&B login (API key in the environment or ~/.netrc) or forces online."""
     mode = os.environ.get("WANDB_MODE", "").lower()
@@ -60,6 +71,8 @@ def register_resolvers() -> None:
         "cs.seq_in_chans": _seq_in_chans,
         "cs.num_meta": _num_meta,
         "cs.cpu_precision": _cpu_precision,
+        "cs.cache_dir": _cache_dir,
+        "cs.conf_dir": _conf_dir,
         "cs.wandb_offline": _wandb_offline,
     }
     for name, fn in resolvers.items():

@@ -19,13 +19,13 @@ import numpy as np
 
 from cervspine import VERTEBRAE
 from cervspine.cache import CachedStudy
-from cervspine.inference import Predictor
+from cervspine.inference import Runtime, Stage1
 from cervspine.runs.layout import STAGE_DIRS, best_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def localisation(predictor: Predictor, cache_dir: Path, presence: float) -> tuple[int, np.ndarray]:
+def localisation(stage1: Stage1, cache_dir: Path, presence: float) -> tuple[int, np.ndarray]:
     """(segmented studies scored, (3, 7) true-positive / false-positive / false-negative slice counts)."""
     counts = np.zeros((3, len(VERTEBRAE)), dtype=np.int64)
     n = 0
@@ -35,7 +35,7 @@ def localisation(predictor: Predictor, cache_dir: Path, presence: float) -> tupl
         if truth is None:
             continue
         truth = truth[:, : len(VERTEBRAE)] > 0
-        pred = predictor.run_stage1(study)[0] >= 0.5
+        pred = stage1.run(study).visibility >= 0.5
         counts += np.stack([(pred & truth).sum(0), (pred & ~truth).sum(0), (~pred & truth).sum(0)])
         n += 1
     return n, counts
@@ -49,11 +49,11 @@ def main() -> None:
     ap.add_argument("--presence", type=float, default=0.1)
     args = ap.parse_args()
 
-    predictor = Predictor(best_checkpoint(args.run / STAGE_DIRS["stage1"]), None, device="cpu")
+    stage1 = Stage1.from_checkpoint(best_checkpoint(args.run / STAGE_DIRS["stage1"]), Runtime.create("cpu"))
     cache_dir = args.holdout / ".cervspine_cache" / f"s{args.image_size}"
     if not cache_dir.is_dir():
         raise FileNotFoundError(f"{cache_dir}: no cache (run make demo-quality, which preprocesses it)")
-    n, (tp, fp, fn) = localisation(predictor, cache_dir, args.presence)
+    n, (tp, fp, fn) = localisation(stage1, cache_dir, args.presence)
     if not n:
         raise RuntimeError(f"{cache_dir}: no study with a segmentation")
     print(f"SYNTHETIC held-out stage-1 localisation, {n} segmented studies of {args.holdout}")

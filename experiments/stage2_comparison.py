@@ -25,11 +25,9 @@ from torchmetrics.functional.classification import binary_auroc
 from cervspine import TARGETS, VERTEBRAE
 from cervspine.cache import CachedStudy, CacheParams, preprocess
 from cervspine.evaluate import select_studies
-from cervspine.inference import Predictor
-from cervspine.io.rsna import RsnaIndex
-from cervspine.models.fracture import aggregate_slices
-from cervspine.runs.layout import is_synthetic
-from cervspine.scoring.aggregation import AGGREGATORS
+from cervspine.inference import Predictor, load_stage2
+from cervspine.io.rsna import RsnaIndex, is_synthetic
+from cervspine.scoring.aggregation import AGGREGATORS, aggregate_slices
 from cervspine.scoring.calibration import StudyCalibration, cross_fitted
 from cervspine.scoring.metrics import bootstrap_ci, classification_report, prior_baseline, rsna_score
 
@@ -54,12 +52,12 @@ def _metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
 
 
 def compare(args: argparse.Namespace) -> dict:
-    slice_pred = Predictor(args.stage1, args.slice, device=args.device)
-    seq_preds = {}
+    slice_pred = Predictor.from_checkpoints(args.stage1, args.slice, device=args.device)
+    slice_model = slice_pred.stage2[0]
+    seq_models = {}
     for spec in args.seq:
         name, ckpt = spec.split("=", 1)
-        seq_preds[name] = Predictor(args.stage1, ckpt, device=args.device)
-        seq_preds[name].stage1 = slice_pred.stage1  # the same stage-1 module for all
+        seq_models[name] = load_stage2(ckpt, slice_pred.runtime)  # the same stage 1 for all
     size = slice_pred.image_size
     results = {}
     for spec in args.eval:
@@ -72,22 +70,23 @@ def compare(args: argparse.Namespace) -> dict:
         y = index.labels.loc[uids, list(TARGETS)].to_numpy(np.float64)
         labels = index.labels.loc[others] if others else RsnaIndex.from_root(args.prior_root).labels
         prior = prior_baseline(labels[list(TARGETS)].to_numpy(np.float64))
-        preds = {m: [] for m in AGGREGATORS} | {name: [] for name in seq_preds}
-        times = {"stage1": [], "slice_stage2": []} | {name: [] for name in seq_preds}
+        preds = {m: [] for m in AGGREGATORS} | {name: [] for name in seq_models}
+        times = {"stage1": [], "slice_stage2": []} | {name: [] for name in seq_models}
         for uid in uids:
             study = CachedStudy(cache / uid)
             t0 = time.perf_counter()
-            vis, boxes = slice_pred.run_stage1(study)
+            s1 = slice_pred.stage1.run(study)
             t1 = time.perf_counter()
-            z, probs, vis2 = slice_pred.run_stage2(study, vis, boxes)
+            inputs = slice_model.inputs(study, s1)
+            z, probs, vis2 = inputs.slices, slice_model.slice_probabilities(inputs), inputs.visibility
             times["stage1"].append(t1 - t0)
             times["slice_stage2"].append(time.perf_counter() - t1)
             for m in AGGREGATORS:
-                agg = {**slice_pred.aggregation, "method": m}
+                agg = {**slice_model.aggregation, "method": m}
                 preds[m].append(aggregate_slices(probs, vis2[z], np.zeros(len(z)), z, **agg)[0][0])
-            for name, predictor in seq_preds.items():
+            for name, model in seq_models.items():
                 t2 = time.perf_counter()
-                preds[name].append(predictor.run_stage2_sequence(study, vis, boxes)[0])
+                preds[name].append(model.score(model.inputs(study, s1)).probabilities)
                 times[name].append(time.perf_counter() - t2)
         results[set_name] = {
             "root": root,

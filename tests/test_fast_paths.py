@@ -80,8 +80,8 @@ def test_predictor_speed_options_keep_the_outputs(stages, options):
     s1, s2, entry = stages
     study = CachedStudy(entry)
     threads = torch.get_num_threads()
-    ref = Predictor(s1, s2, device="cpu").predict(study)
-    fast = Predictor(s1, s2, device="cpu", **options).predict(study)
+    ref = Predictor.from_checkpoints(s1, s2, device="cpu").predict(study)
+    fast = Predictor.from_checkpoints(s1, s2, device="cpu", **options).predict(study)
     assert torch.get_num_threads() == threads  # restored after scoring
     np.testing.assert_array_equal(fast.fracture_slices, ref.fracture_slices)
     np.testing.assert_allclose(fast.fracture_probs, ref.fracture_probs, rtol=0, atol=1e-5)

@@ -122,7 +122,7 @@ def test_an_ensemble_scores_the_mean_of_its_members_study_logits(pipeline_run, t
 
     from cervspine.cache import CachedStudy
     from cervspine.evaluate import evaluate
-    from cervspine.inference import EnsemblePredictor, Predictor, load_predictor
+    from cervspine.inference import Predictor, load_predictor
     from cervspine.runs.layout import stage_checkpoints
 
     out, _ = pipeline_run
@@ -136,11 +136,11 @@ def test_an_ensemble_scores_the_mean_of_its_members_study_logits(pipeline_run, t
     torch.save(ckpt, other)
     cache = next(p for p in (tiny_root / ".cervspine_cache").iterdir() if p.is_dir())
     study = CachedStudy(next(p for p in sorted(cache.iterdir()) if p.is_dir()))
-    a = Predictor(s1, s2, device="cpu").predict(study).probabilities.astype(np.float64)
-    b = Predictor(s1, other, device="cpu").predict(study).probabilities.astype(np.float64)
+    a = Predictor.from_checkpoints(s1, s2, device="cpu").predict(study).probabilities.astype(np.float64)
+    b = Predictor.from_checkpoints(s1, other, device="cpu").predict(study).probabilities.astype(np.float64)
     assert not np.allclose(a, b, atol=1e-3)
-    ensemble = load_predictor(s1, [s2, other], device="cpu")
-    assert isinstance(ensemble, EnsemblePredictor) and ensemble.image_size == 64
+    ensemble = load_predictor(stage1=s1, stage2=[s2, other], device="cpu")
+    assert len(ensemble.stage2) == 2 and ensemble.image_size == 64
     pred = ensemble.predict(study)
     logit = lambda p: np.log(p) - np.log1p(-p)  # noqa: E731
     np.testing.assert_allclose(pred.probabilities, 1 / (1 + np.exp(-(logit(a) + logit(b)) / 2)), rtol=1e-4)

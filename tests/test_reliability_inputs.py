@@ -96,7 +96,7 @@ def test_a_path_with_spaces_and_non_ascii_through_the_cli(odd_root, tmp_path):
 
 
 def test_pipeline_stage_configs_accept_a_non_ascii_path(tmp_path):
-    from cervspine.pipeline import stage_config
+    from cervspine.jobs.pipeline import stage_config
 
     root, out = tmp_path / "données", tmp_path / "résultats"
     with hydra_config("pipeline", [f"data.root='{root}'", "experiment=demo"], tmp_path) as cfg:

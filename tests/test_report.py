@@ -28,7 +28,8 @@ def report_run(tiny_root, tmp_path_factory):
     from cervspine.pipeline import run
 
     out = tmp_path_factory.mktemp("pipeline_report")
-    with hydra_config("pipeline", [*_pipeline_overrides(tiny_root), "+report=true"], out) as cfg:
+    reports = ['evaluate.overrides=["report=true"]', 'predict.overrides=["report=true"]']
+    with hydra_config("pipeline", [*_pipeline_overrides(tiny_root), *reports], out) as cfg:
         run(cfg)
     return out
 
@@ -80,8 +81,8 @@ def test_operating_threshold_is_youden_unless_given():
 
 
 def test_bootstrap_intervals_bracket_the_point_estimates_and_match_torchmetrics():
-    from cervspine.scoring.metrics import classification_report
-    from cervspine.scoring.thresholds import METRICS, OperatingThreshold, bootstrap_table
+    from cervspine.scoring.metrics import METRICS, bootstrap_table, classification_report
+    from cervspine.scoring.thresholds import OperatingThreshold
 
     y, p = _fake(150, seed=2)
     table = bootstrap_table(y, p, OperatingThreshold(0.45, 0.45, "test"), n_boot=400)
@@ -166,30 +167,30 @@ def test_study_reports_for_the_test_folder(report_run, tiny_root):
 
 def test_gradcam_overlay_on_the_stage2_model(report_run, tiny_root, tmp_path):
     from cervspine.cache import CachedStudy
-    from cervspine.data.stage1_table import BOX_COLS, VIS_COLS
     from cervspine.inference import Predictor
     from cervspine.report import saliency
     from cervspine.report.study import write_study_report
     from cervspine.runs.layout import stage_checkpoints
 
-    predictor = Predictor(*stage_checkpoints(report_run), device="cpu")
+    predictor = Predictor.from_checkpoints(*stage_checkpoints(report_run), device="cpu")
     entry = next(p for p in sorted((tiny_root / ".cervspine_cache" / "s64").iterdir()) if p.name[0] != ".")
     study = CachedStudy(entry)
     pred = predictor.predict(study)
     rep = write_study_report(tmp_path, study, pred, predictor, synthetic=True, threshold=0.5, n_key=2)
-    size = predictor.data2.input_size
+    model = predictor.stage2[0]
+    size = model.stack.input_size
     assert rep.cams.shape == (len(rep.key_slices), size, size) and len(rep.key_slices) == 2
     assert rep.target_layer and all(c.std() > 1e-3 for c in rep.cams)  # a map, not a constant
     ov = saliency.overlay(np.linspace(0, 1, size * size).reshape(size, size), rep.cams[0])
     assert ov.shape == (size, size, 3) and ov.dtype == np.uint8 and ov.std() > 1
     # the Grad-CAM inputs are exactly the ones stage 2 scored
     zs = np.array([k.slice_index for k in rep.key_slices])
-    table = pred.slice_table
-    x, m, _ = predictor.stage2_inputs(
-        study, table[VIS_COLS].to_numpy(np.float32), table[BOX_COLS].to_numpy(np.float32), zs
-    )
-    with torch.no_grad():
-        probs = torch.sigmoid(predictor.stage2(x, m)["fracture"]).numpy()
+    inputs = model.inputs(study, pred.stage1)
+    inputs.slices = zs
+    ((_, scored_images, _, _),) = model.batches(inputs)
+    explained = model.explain(study, pred.stage1, zs, [k.vertebra for k in rep.key_slices])
+    np.testing.assert_array_equal(explained.images, scored_images.numpy())
+    probs = model.slice_probabilities(inputs)
     rows = [int(np.flatnonzero(pred.fracture_slices == z)[0]) for z in zs]
     np.testing.assert_allclose(probs, pred.fracture_probs[rows], atol=1e-5)
 
@@ -197,7 +198,7 @@ def test_gradcam_overlay_on_the_stage2_model(report_run, tiny_root, tmp_path):
 def test_target_layer_is_the_deepest_stage_that_still_localises():
     import timm
 
-    from cervspine.report.saliency import find_target_layer
+    from cervspine.inference.saliency import find_target_layer
 
     net = timm.create_model("resnet18", num_classes=0, in_chans=3)
     assert find_target_layer(net, torch.zeros(1, 3, 224, 224))[0] == "layer4"  # 7×7

@@ -18,7 +18,8 @@ from cervspine.cache import CachedStudy, CacheParams
 from cervspine.data.sequence import StudyGeometry, VertebraSequenceDataset
 from cervspine.data.spine import crop_pixels
 from cervspine.data.vertebra_crops import VertebraCropper, VertebraExtent, study_sequences
-from cervspine.models.sequence import VertebraSequenceClassifier, study_predictions
+from cervspine.models.sequence import VertebraSequenceClassifier
+from cervspine.scoring.aggregation import vertebra_rows
 from cervspine.scoring.metrics import prior_baseline
 from tests.conftest import TINY_DATA, TINY_STAGE2, hydra_config, tiny_pipeline_overrides
 
@@ -230,15 +231,15 @@ def test_study_head_starts_as_the_noisy_or_and_absent_vertebrae_take_the_prior()
     np.testing.assert_allclose(preds[1:7], p[1, 1:].numpy(), rtol=1e-4)
 
 
-def test_study_predictions_without_head_use_noisy_or_and_prior():
+def test_vertebra_rows_without_head_use_noisy_or_and_prior():
     prior = np.array([0.1] * 7 + [0.5])
     probs = np.array([0.2, 0.3, 0.9, 0.0, 0.0, 0.0, 0.0])
     present = np.array([1, 1, 0, 1, 1, 1, 1])
-    preds, seen = study_predictions(probs, present, np.arange(7), np.zeros(7), prior)
+    preds, seen = vertebra_rows(probs, present, np.arange(7), np.zeros(7), prior)
     expect = np.array([0.2, 0.3, 0.1, 1e-4, 1e-4, 1e-4, 1e-4])
     np.testing.assert_allclose(preds[0, :7], expect, atol=1e-9)
     assert preds[0, 7] == pytest.approx(1 - np.prod(1 - np.array([0.2, 0.3, 0.1])), abs=1e-6)
-    none, _ = study_predictions(probs, np.zeros(7), np.arange(7), np.zeros(7), prior)
+    none, _ = vertebra_rows(probs, np.zeros(7), np.arange(7), np.zeros(7), prior)
     np.testing.assert_allclose(none[0], prior)  # nothing visible: the prior throughout
     assert seen == [0]
 

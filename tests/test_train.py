@@ -7,19 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from cervspine.train import train
 from tests.conftest import TINY_DATA, TINY_STAGE1, TINY_STAGE2, hydra_config
 
-EXPERIMENT_DIR = Path(__file__).parents[1] / "conf" / "experiment"
-EXPERIMENTS = sorted(p.stem for p in EXPERIMENT_DIR.glob("*.yaml"))
-# pipeline experiments name the train experiments of their stages; the others are train experiments
-PIPELINE_EXPERIMENTS = [
-    e
-    for e in EXPERIMENTS
-    if {"stage2", "stage2_ensemble"} & set(OmegaConf.load(EXPERIMENT_DIR / f"{e}.yaml"))
-]
+CONF = Path(__file__).parents[1] / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))  # train recipes
+PIPELINE_EXPERIMENTS = sorted(p.stem for p in (CONF / "pipelines" / "experiment").glob("*.yaml"))
 STAGE_OF = {"vertebrae": TINY_STAGE1, "fracture": TINY_STAGE2}
 
 
@@ -47,14 +41,15 @@ def _overrides(tiny_root: Path, experiment: str) -> list[str]:
 
 
 def test_experiment_list_is_complete():
-    for name in ("vertebrae_demo", "vertebrae_b5", "fracture_demo", "fracture_b5", "demo"):
+    for name in ("vertebrae_demo", "vertebrae_b5", "fracture_demo", "fracture_b5"):
         assert name in EXPERIMENTS
-    for name in ("fracture_seq_demo", "fracture_seq", "demo_seq"):
+    for name in ("fracture_seq_demo", "fracture_seq"):
         assert name in EXPERIMENTS
     assert {"demo", "demo_seq", "demo_gpu", "demo_ensemble"} <= set(PIPELINE_EXPERIMENTS)
+    assert not set(EXPERIMENTS) & set(PIPELINE_EXPERIMENTS)  # one name, one kind of job
 
 
-@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e not in PIPELINE_EXPERIMENTS])
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_train_experiment_runs_fast_dev_run(experiment, tiny_root, tmp_path):
     with hydra_config("train", [*_overrides(tiny_root, experiment), "debug=fast_dev_run"], tmp_path) as cfg:
         metrics, objects = train(cfg)
@@ -71,7 +66,7 @@ def test_pipeline_experiment_composes_for_train_and_pipeline(tiny_root, tmp_path
 
 
 def test_gpu_demo_trains_both_stages_on_a_gpu_in_bf16(tiny_root, tmp_path):
-    from cervspine.pipeline import stage_config
+    from cervspine.jobs.pipeline import stage_config
 
     with hydra_config("pipeline", ["experiment=demo_gpu", f"data.root={tiny_root}"], tmp_path) as cfg:
         assert cfg.experiment_name == "demo_gpu" and cfg.data.image_size == 128
@@ -111,14 +106,15 @@ def test_validation_scores_studies_and_checkpoints_on_rsna_score(tiny_root, tmp_
     best = Path(objects["summary"]["best_model_path"])
     assert best.is_file()
     # the study calibration fitted on the fold travels in the checkpoint and is what inference applies
-    from cervspine.inference import load_stage
+    from cervspine.inference import Runtime, load_stage2
     from cervspine.scoring.calibration import IDENTITY
 
     saved = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]["study_calibration"]
     assert saved.shape == (4,) and tuple(saved.tolist()) != IDENTITY
-    model, _ = load_stage(best, None, torch.device("cpu"))
+    stage2 = load_stage2(best, Runtime.create(device="cpu"))
+    assert stage2.kind == "slice" and stage2.calibrated
     p = torch.full((1, 8), 0.3).numpy()
-    assert not np.allclose(model.calibrate(p), p)
+    assert not np.allclose(stage2.model.calibrate(p), p)
 
 
 def test_same_seed_repeats_a_cpu_run_exactly(tiny_root, tmp_path):

@@ -37,3 +37,8 @@ def source_fingerprint(study_dir: Path, seg_path: Path | None, params: CachePara
         st = p.stat()
         h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
+
+
+def default_cache_dir(root: str | Path, image_size: int | None) -> Path:
+    """Where a folder's cache of ``image_size`` lives unless ``data.cache_dir`` says otherwise."""
+    return Path(root) / ".cervspine_cache" / f"s{image_size}"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import albumentations as A
 import cv2
@@ -34,11 +36,56 @@ def context_offsets(context: int, stride: int) -> np.ndarray:
     return np.arange(-context, context + 1) * stride
 
 
+@dataclass(frozen=True)
+class StackSpec:
+    """A stage's 2.5D input: ``context`` neighbours each side ``stride`` slices apart, CT ``windows``,
+    resized to ``input_size``. The defaults are the DataModules' (one copy, read back from checkpoints)."""
+
+    input_size: int = 128
+    context: int = 1
+    stride: int = 1
+    windows: tuple = ("bone",)
+
+    @classmethod
+    def from_hparams(cls, hp: Mapping[str, Any]) -> StackSpec:
+        d = cls()
+        return cls(
+            int(hp.get("input_size", d.input_size)),
+            int(hp.get("context", d.context)),
+            int(hp.get("stride", d.stride)),
+            tuple(hp.get("windows", d.windows)),
+        )
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return context_offsets(self.context, self.stride)
+
+    @property
+    def hu_windows(self) -> list[tuple[float, float]]:
+        return resolve_windows(list(self.windows))
+
+    @property
+    def channels(self) -> int:
+        return len(self.offsets) * len(self.windows)
+
+
+def apply_windows(hu: np.ndarray, windows: Sequence[tuple[float, float]], axis: int = 0) -> np.ndarray:
+    """HU values → float32 in [0, 1] per window, the windows along a new ``axis`` (the one copy of CT
+    windowing: slice datasets, crop sequences and inference all call it)."""
+    hu = np.asarray(hu, dtype=np.float32)
+    shape = list(hu.shape)
+    shape.insert(axis, len(windows))
+    out = np.empty(shape, dtype=np.float32)  # contiguous in the layout asked for
+    per_window = np.moveaxis(out, axis, 0)
+    for i, (lo, hi) in enumerate(windows):
+        np.clip((hu - lo) / (hi - lo), 0.0, 1.0, out=per_window[i])
+    return out
+
+
 def window_stack(hu: np.ndarray, windows: Sequence[tuple[float, float]]) -> np.ndarray:
     """(K, H, W) HU → (H, W, K·len(windows)) float32 in [0, 1], window-major channel order."""
-    hu = hu.astype(np.float32, copy=False)
-    chans = [np.clip((hu - lo) / (hi - lo), 0.0, 1.0) for lo, hi in windows]
-    return np.ascontiguousarray(np.concatenate(chans, axis=0).transpose(1, 2, 0))
+    win = apply_windows(hu, windows)  # (nW, K, H, W)
+    return np.ascontiguousarray(win.reshape(-1, *win.shape[2:]).transpose(1, 2, 0))
 
 
 def resize_hwc(img: np.ndarray, size: int) -> np.ndarray:

@@ -34,7 +34,7 @@ import numpy as np
 
 from cervspine import VERTEBRAE
 from cervspine.data.spine import crop_pixels
-from cervspine.data.transforms import context_offsets, resize_hwc, resolve_windows
+from cervspine.data.transforms import WINDOWS, StackSpec, apply_windows, resize_hwc
 
 N_VERT = len(VERTEBRAE)
 MASK_MODES = ("none", "box", "auto")
@@ -93,7 +93,7 @@ class VertebraCropper:
     n_slices: int = 12
     input_size: int = 64
     offsets: tuple[int, ...] = (-1, 0, 1)
-    windows: tuple[tuple[float, float], ...] = ((-500.0, 1300.0),)
+    windows: tuple[tuple[float, float], ...] = (WINDOWS["bone"],)
     visible_threshold: float = 0.3  # a vertebra is present when its peak visibility reaches this
     relative_threshold: float = 0.5  # its range: slices at ≥ this fraction of its peak visibility
     margin: float = 0.2  # in-plane margin each side, as a fraction of the box side
@@ -111,19 +111,19 @@ class VertebraCropper:
     @classmethod
     def from_hparams(cls, hp: dict[str, Any]) -> VertebraCropper:
         """From a VertebraSequenceDataModule's hyper-parameters (also those saved in a checkpoint)."""
-        offsets = context_offsets(int(hp.get("context", 1)), int(hp.get("stride", 1)))
+        stack, d = StackSpec.from_hparams(hp), cls
         return cls(
-            n_slices=int(hp.get("n_slices", 12)),
+            n_slices=int(hp.get("n_slices", d.n_slices)),
             input_size=int(hp["input_size"]),
-            offsets=tuple(int(o) for o in offsets),
-            windows=tuple(resolve_windows(list(hp.get("windows", ["bone"])))),
-            visible_threshold=float(hp.get("visible_threshold", 0.3)),
-            relative_threshold=float(hp.get("relative_threshold", 0.5)),
-            margin=float(hp.get("crop_margin", 0.2)),
-            z_margin=float(hp.get("z_margin", 0.1)),
-            min_size=float(hp.get("min_crop", 0.08)),
-            max_gap=int(hp.get("max_gap", 3)),
-            mask=str(hp.get("mask", "none")),
+            offsets=tuple(int(o) for o in stack.offsets),
+            windows=tuple(stack.hu_windows),
+            visible_threshold=float(hp.get("visible_threshold", d.visible_threshold)),
+            relative_threshold=float(hp.get("relative_threshold", d.relative_threshold)),
+            margin=float(hp.get("crop_margin", d.margin)),
+            z_margin=float(hp.get("z_margin", d.z_margin)),
+            min_size=float(hp.get("min_crop", d.min_size)),
+            max_gap=int(hp.get("max_gap", d.max_gap)),
+            mask=str(hp.get("mask", d.mask)),
         )
 
     @property
@@ -212,7 +212,7 @@ class VertebraCropper:
         idx = np.clip(zs[:, None] + np.asarray(self.offsets)[None, :], 0, num - 1)  # (n, K)
         uniq, inv = np.unique(idx, return_inverse=True)
         hu = np.asarray(volume[uniq, y0:y1, x0:x1], dtype=np.float32)  # only the needed crops
-        win = np.stack([np.clip((hu - lo) / (hi - lo), 0.0, 1.0) for lo, hi in self.windows], axis=1)
+        win = apply_windows(hu, self.windows, axis=1)  # (K', nW, h, w)
         stacks = win[inv.reshape(idx.shape)]  # (n, K, nW, h, w)
         stacks = stacks.transpose(0, 2, 1, 3, 4).reshape(n * self.image_channels, y1 - y0, x1 - x0)
         img = resize_hwc(np.ascontiguousarray(stacks.transpose(1, 2, 0)), s)

@@ -1,11 +1,21 @@
-"""timm backbones: any timm name, random init by default, pretrained weights from a local file."""
+"""timm backbones: any timm name, random init by default, pretrained weights from a local file.
+
+``model.backbone`` in the configs is a partial of :func:`create_backbone` (``_target_``), called by the
+LightningModule with ``in_chans``; another factory with that call works too. Checkpoints written before
+the configs had a ``_target_`` hold a plain dict of :func:`create_backbone`'s options, also accepted.
+"""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch.nn as nn
+
+BackboneSpec = Callable[..., nn.Module] | dict[str, Any]
 
 
 def create_backbone(
@@ -30,3 +40,30 @@ def create_backbone(
             raise FileNotFoundError(f"pretrained weights file not found: {path}")
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
     return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+def build_backbone(spec: BackboneSpec, in_chans: int) -> nn.Module:
+    """The backbone a config (a factory) or an older checkpoint (a dict) describes, for ``in_chans``."""
+    if isinstance(spec, Mapping):
+        return create_backbone(in_chans=in_chans, **spec)
+    return spec(in_chans=in_chans)
+
+
+def without_pretrained_weights(spec: BackboneSpec) -> BackboneSpec:
+    """``spec`` building the same architecture without fetching or reading pretrained weights (a
+    checkpoint's own weights replace them)."""
+    off = {"pretrained": False, "weights_path": None}
+    if isinstance(spec, Mapping):
+        return {**spec, **off}
+    if isinstance(spec, functools.partial):
+        return functools.partial(spec.func, *spec.args, **{**spec.keywords, **off})
+    return spec
+
+
+def backbone_name(spec: BackboneSpec | None) -> str:
+    """The timm name in ``spec`` (for model cards and reports), else the factory's name."""
+    if isinstance(spec, Mapping):
+        return str(spec.get("name", "?"))
+    if isinstance(spec, functools.partial):
+        return str(spec.keywords.get("name", getattr(spec.func, "__name__", "?")))
+    return getattr(spec, "__name__", "?") if spec is not None else "?"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -12,13 +11,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics import CatMetric
 
-from cervspine import TARGETS, VERTEBRAE
-from cervspine.models.backbones import create_backbone
+from cervspine import VERTEBRAE
+from cervspine.models.backbones import BackboneSpec, build_backbone
 from cervspine.models.losses import competition_loss
-from cervspine.models.optim import OptimizedModule
-from cervspine.scoring.aggregation import AGGREGATORS, DEFAULT_EPS, aggregate_study
+from cervspine.models.optim import OptimizedModule, SchedulerFactory
+from cervspine.models.study_validation import StudyValidation
+from cervspine.scoring.aggregation import DEFAULT_EPS, aggregate_slices
 from cervspine.scoring.calibration import IDENTITY, StudyCalibration, cross_fitted
 from cervspine.scoring.metrics import classification_report
+from cervspine.scoring.table import StudyPredictions
 
 
 class MetadataFusion(nn.Module):
@@ -42,18 +43,18 @@ class MetadataFusion(nn.Module):
         return torch.cat([img, m], dim=1)
 
 
-class FractureClassifier(OptimizedModule):
+class FractureClassifier(StudyValidation, OptimizedModule):
     """7 per-slice vertebra fracture logits (+ an 'any fracture' logit, + an optional visibility head)."""
 
     pinned_buffers = ("study_calibration",)  # fitted, not learned: weight averaging copies it as is
 
     def __init__(
         self,
-        backbone: dict[str, Any],
+        backbone: BackboneSpec,
         in_chans: int,
         num_meta: int,
         optimizer: Callable[..., torch.optim.Optimizer],
-        scheduler: dict[str, Any] | None = None,
+        scheduler: SchedulerFactory | dict[str, Any] | None = None,
         fusion: str = "concat",
         meta_hidden: int = 64,
         use_metadata: bool = True,
@@ -68,7 +69,7 @@ class FractureClassifier(OptimizedModule):
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
-        self.backbone = create_backbone(in_chans=in_chans, **backbone)
+        self.backbone = build_backbone(backbone, in_chans)
         self.use_metadata = use_metadata
         width = self.backbone.num_features
         self.fusion = MetadataFusion(width, num_meta, meta_hidden, fusion) if use_metadata else None
@@ -90,7 +91,6 @@ class FractureClassifier(OptimizedModule):
             self.backbone = torch.compile(self.backbone)
         self.val_probs, self.val_vis = CatMetric(), CatMetric()
         self.val_study, self.val_slice = CatMetric(), CatMetric()
-        self.last_val_predictions: tuple[list[str], np.ndarray, np.ndarray] | None = None
 
     def forward(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if self.channels_last:
@@ -142,28 +142,18 @@ class FractureClassifier(OptimizedModule):
         raw, seen = aggregate_slices(probs, vis, study, sl, **self.aggregation)
         uids = [dm.val_uids[i] for i in seen]
         y = dm.labels(uids)
-        preds = raw
-        if self.calibration:
-            # the logged score: each study calibrated by a fit on the fold's other studies; the saved
-            # calibration: fitted on the whole fold, for inference on other studies
-            preds = np.clip(cross_fitted(y, raw), DEFAULT_EPS, 1 - DEFAULT_EPS)
-            fitted = StudyCalibration.fit(y, raw).params
-            self.study_calibration.copy_(torch.tensor(fitted, dtype=torch.float32))
-        self.last_val_predictions = (uids, preds, y)
-        report = classification_report(y, preds)
-        logged = {"val/rsna_score": report["rsna_score"]}
-        if self.calibration:
-            logged["val/rsna_score_uncalibrated"] = classification_report(y, raw)["rsna_score"]
-        for t in TARGETS:
-            for k in ("auroc", "f1", "accuracy"):
-                v = report[t][k]
-                if np.isfinite(v):
-                    logged[f"val/{k}_{t}"] = v
-        for k in ("auroc", "f1", "accuracy", "precision", "recall"):
-            v = report["macro"][k]
-            if np.isfinite(v):
-                logged[f"val/{k}_macro"] = v
-        self.log_dict({k: float(v) for k, v in logged.items()}, rank_zero_only=True)
+        if not self.calibration:
+            self.log_study_validation(StudyPredictions(uids, raw, y))
+            return
+        # the logged score: each study calibrated by a fit on the fold's other studies; the saved
+        # calibration: fitted on the whole fold, for inference on other studies
+        preds = np.clip(cross_fitted(y, raw), DEFAULT_EPS, 1 - DEFAULT_EPS)
+        fitted = StudyCalibration.fit(y, raw).params
+        self.study_calibration.copy_(torch.tensor(fitted, dtype=torch.float32))
+        uncalibrated = classification_report(y, raw)["rsna_score"]
+        self.log_study_validation(
+            StudyPredictions(uids, preds, y), {"val/rsna_score_uncalibrated": uncalibrated}
+        )
 
     def calibrate(self, study_probs: np.ndarray) -> np.ndarray:
         """(n, 8) aggregated study probabilities → calibrated ones (identity before any validation)."""
@@ -178,37 +168,3 @@ class FractureClassifier(OptimizedModule):
             "study_idx": batch["study_idx"],
             "slice_index": batch["slice_index"],
         }
-
-
-def aggregate_slices(
-    probs: torch.Tensor | np.ndarray,
-    vis: torch.Tensor | np.ndarray,
-    study_idx: torch.Tensor | np.ndarray,
-    slice_index: torch.Tensor | np.ndarray,
-    **aggregation: Any,
-) -> tuple[np.ndarray, list[int]]:
-    """Per-slice outputs (any order, duplicates from DDP padding allowed) → (n_studies, 8), study ids.
-
-    ``aggregation`` holds ``method``, ``overall`` and options; options the chosen method does not take
-    (e.g. ``k`` for ``visibility_mean``) are left out, so one config serves every method.
-    """
-    aggregation = method_options(aggregation)
-    probs, vis = np.asarray(probs, dtype=np.float64), np.asarray(vis, dtype=np.float64)
-    study_idx, slice_index = np.asarray(study_idx).astype(int), np.asarray(slice_index).astype(int)
-    seen = sorted(set(study_idx.tolist()))
-    rows = []
-    for s in seen:
-        m = study_idx == s
-        _, first = np.unique(slice_index[m], return_index=True)  # drop DDP duplicates, order by slice
-        rows.append(aggregate_study(probs[m][first], vis[m][first], **aggregation))
-    return np.stack(rows), seen
-
-
-def method_options(aggregation: dict[str, Any]) -> dict[str, Any]:
-    """Keep ``method``/``overall``/``eps`` and the options the chosen aggregator accepts."""
-    method = aggregation.get("method", "topk_mean")
-    if method not in AGGREGATORS:
-        raise ValueError(f"unknown aggregation method {method!r}; known: {sorted(AGGREGATORS)}")
-    accepted = inspect.signature(AGGREGATORS[method]).parameters
-    keep = {"method", "overall", "eps"}
-    return {k: v for k, v in aggregation.items() if k in keep or k in accepted}

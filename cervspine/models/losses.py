@@ -5,9 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# competition weights: C1..C7 negative 1 / positive 2; patient_overall negative 7 / positive 14
-VERTEBRA_WEIGHTS = (1.0, 2.0)
-OVERALL_WEIGHTS = (7.0, 14.0)
+from cervspine.scoring.competition import OVERALL_WEIGHTS, VERTEBRA_WEIGHTS
 
 
 def weighted_bce(

@@ -20,16 +20,18 @@ import torch
 import torch.nn as nn
 from torchmetrics import CatMetric
 
-from cervspine import TARGETS, VERTEBRAE
-from cervspine.models.backbones import create_backbone
-from cervspine.models.losses import OVERALL_WEIGHTS, VERTEBRA_WEIGHTS, weighted_bce
-from cervspine.models.optim import OptimizedModule
-from cervspine.scoring.metrics import classification_report, prior_baseline
+from cervspine import VERTEBRAE
+from cervspine.models.backbones import BackboneSpec, build_backbone
+from cervspine.models.losses import weighted_bce
+from cervspine.models.optim import OptimizedModule, SchedulerFactory
+from cervspine.models.study_validation import StudyValidation
+from cervspine.scoring.aggregation import vertebra_rows
+from cervspine.scoring.competition import OVERALL_WEIGHTS, PROBABILITY_EPS, RSNA_PREVALENCE, VERTEBRA_WEIGHTS
+from cervspine.scoring.metrics import prior_baseline
+from cervspine.scoring.table import StudyPredictions
 
 N_VERT = len(VERTEBRAE)
-EPS = 1e-4
-# share of studies with each vertebra fractured, and any, in the RSNA train set: the prior until fit
-DEFAULT_PRIOR = (0.072, 0.141, 0.036, 0.053, 0.080, 0.137, 0.195, 0.476)
+EPS = PROBABILITY_EPS
 
 
 class AttentionPool(nn.Module):
@@ -47,17 +49,17 @@ class AttentionPool(nn.Module):
         return (w.unsqueeze(-1) * x).sum(dim=1), w
 
 
-class VertebraSequenceClassifier(OptimizedModule):
+class VertebraSequenceClassifier(StudyValidation, OptimizedModule):
     """One fracture logit per vertebra sequence (+ patient_overall from the 7 when ``study_head``)."""
 
     pinned_buffers = ("prior", "logit_shift")  # set, not learned: weight averaging copies them as is
 
     def __init__(
         self,
-        backbone: dict[str, Any],
+        backbone: BackboneSpec,
         in_chans: int,
         optimizer: Callable[..., torch.optim.Optimizer],
-        scheduler: dict[str, Any] | None = None,
+        scheduler: SchedulerFactory | dict[str, Any] | None = None,
         rnn: str = "gru",
         rnn_hidden: int = 128,
         rnn_layers: int = 1,
@@ -76,7 +78,7 @@ class VertebraSequenceClassifier(OptimizedModule):
             raise ValueError(f"rnn must be 'gru' or 'lstm', got {rnn!r}")
         if pooling not in ("attention", "mean", "max"):
             raise ValueError(f"pooling must be 'attention', 'mean' or 'max', got {pooling!r}")
-        self.encoder = create_backbone(in_chans=in_chans, **backbone)
+        self.encoder = build_backbone(backbone, in_chans)
         width = self.encoder.num_features
         self.vertebra_emb = nn.Embedding(N_VERT, width) if vertebra_embedding else None
         rnn_cls = nn.GRU if rnn == "gru" else nn.LSTM
@@ -101,7 +103,7 @@ class VertebraSequenceClassifier(OptimizedModule):
         if self.study_head is not None:
             nn.init.zeros_(self.study_head.weight)
             nn.init.zeros_(self.study_head.bias)
-        self.register_buffer("prior", torch.tensor(DEFAULT_PRIOR, dtype=torch.float32))
+        self.register_buffer("prior", torch.tensor(RSNA_PREVALENCE, dtype=torch.float32))
         # (vertebra, overall) logit offsets of oversampled training, removed at evaluation
         self.register_buffer("logit_shift", torch.zeros(2))
         self.optimizer_factory, self.scheduler_cfg = optimizer, scheduler
@@ -215,17 +217,9 @@ class VertebraSequenceClassifier(OptimizedModule):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or not len(study) or self.trainer.sanity_checking:
             return
-        preds, seen = study_predictions(probs, present, vert, study, self.prior.cpu().numpy(), overall)
-        report = classification_report(dm.labels([dm.val_uids[i] for i in seen]), preds)
-        logged = {"val/rsna_score": report["rsna_score"]}
-        for t in TARGETS:
-            for k in ("auroc", "f1", "accuracy"):
-                if np.isfinite(report[t][k]):
-                    logged[f"val/{k}_{t}"] = report[t][k]
-        for k in ("auroc", "f1", "accuracy", "precision", "recall"):
-            if np.isfinite(report["macro"][k]):
-                logged[f"val/{k}_macro"] = report["macro"][k]
-        self.log_dict({k: float(v) for k, v in logged.items()}, rank_zero_only=True)
+        preds, seen = vertebra_rows(probs, present, vert, study, self.prior.cpu().numpy(), overall)
+        uids = [dm.val_uids[i] for i in seen]
+        self.log_study_validation(StudyPredictions(uids, preds, dm.labels(uids)))
 
     # ---- inference ---------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -235,7 +229,7 @@ class VertebraSequenceClassifier(OptimizedModule):
         p, o = self._probs(self(image.unsqueeze(0), vertebra, present.unsqueeze(0)))
         probs = p[0].cpu().numpy()
         overall = None if o is None else o.cpu().numpy()
-        preds, _ = study_predictions(
+        preds, _ = vertebra_rows(
             probs,
             present.float().cpu().numpy(),
             np.arange(N_VERT),
@@ -264,35 +258,3 @@ def load_encoder(encoder: nn.Module, path: str) -> None:
                 raise ValueError(f"{path}: its {prefix[:-1]} does not fit this encoder: {e}") from e
             return
     raise ValueError(f"{path}: no backbone.* or encoder.* weights to initialise the encoder from")
-
-
-def study_predictions(
-    probs: np.ndarray,
-    present: np.ndarray,
-    vertebra: np.ndarray,
-    study_idx: np.ndarray,
-    prior: np.ndarray,
-    overall: np.ndarray | None = None,
-) -> tuple[np.ndarray, list[int]]:
-    """Flat per-vertebra outputs (any order; DDP duplicates allowed) → (n_studies, 8), study ids.
-
-    Absent vertebrae (and ones no item covered) get ``prior[v]``; patient_overall is ``overall`` (the
-    study head's, one value per item) or else the noisy-or of the 7 (``prior[7]`` if none is present).
-    """
-    probs, present = np.asarray(probs, dtype=np.float64), np.asarray(present) > 0
-    vertebra, study_idx = np.asarray(vertebra).astype(int), np.asarray(study_idx).astype(int)
-    seen = sorted(set(study_idx.tolist()))
-    rows = []
-    for s in seen:
-        m = study_idx == s
-        row = np.asarray(prior, dtype=np.float64).copy()
-        found = np.zeros(N_VERT, dtype=bool)
-        for p, ok, v in zip(probs[m], present[m], vertebra[m]):
-            if ok:
-                row[v], found[v] = p, True
-        if overall is not None:
-            row[N_VERT] = float(np.asarray(overall)[m][0]) if found.any() else prior[N_VERT]
-        elif found.any():
-            row[N_VERT] = 1.0 - np.prod(1.0 - row[:N_VERT])
-        rows.append(np.clip(row, EPS, 1 - EPS))
-    return np.stack(rows), seen

@@ -12,8 +12,8 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelAccuracy, MultilabelAUROC, MultilabelF1Score
 
 from cervspine import VERTEBRAE
-from cervspine.models.backbones import create_backbone
-from cervspine.models.optim import OptimizedModule
+from cervspine.models.backbones import BackboneSpec, build_backbone
+from cervspine.models.optim import OptimizedModule, SchedulerFactory
 
 
 class VertebraeDetector(OptimizedModule):
@@ -21,10 +21,10 @@ class VertebraeDetector(OptimizedModule):
 
     def __init__(
         self,
-        backbone: dict[str, Any],
+        backbone: BackboneSpec,
         in_chans: int,
         optimizer: Callable[..., torch.optim.Optimizer],
-        scheduler: dict[str, Any] | None = None,
+        scheduler: SchedulerFactory | dict[str, Any] | None = None,
         pos_weight: float | list[float] = 1.0,
         box_loss_weight: float = 1.0,
         dropout: float = 0.2,
@@ -33,7 +33,7 @@ class VertebraeDetector(OptimizedModule):
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)
-        self.backbone = create_backbone(in_chans=in_chans, **backbone)
+        self.backbone = build_backbone(backbone, in_chans)
         width = self.backbone.num_features
         self.dropout = nn.Dropout(dropout)
         self.presence_head = nn.Linear(width, len(VERTEBRAE))

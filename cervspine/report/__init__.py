@@ -1,13 +1,13 @@
 """Reports people can look at: evaluation and per-study figures, self-contained HTML, W&B images, model card.
 
-- :mod:`.figures`     matplotlib figures (object API, no pyplot state), each can carry the SYNTHETIC DATA mark
-- :mod:`.html`        self-contained HTML pages (PNG images embedded as base64)
-- :mod:`.stats`       operating threshold (Youden's J) and vectorised bootstrap intervals
-- :mod:`.evaluation`  ``python -m cervspine.evaluate ... report=true``
-- :mod:`.saliency`    Grad-CAM (pytorch-grad-cam) on the stage-2 model
-- :mod:`.study`       ``python -m cervspine.predict ... report=true``
-- :mod:`.wandb`       log figures to any WandbLogger
-- :mod:`.model_card`  MODEL_CARD.md next to a trained pipeline run
+- :mod:`.figures`       matplotlib figures (object API, no pyplot state), each can carry the SYNTHETIC DATA mark
+- :mod:`.html`          self-contained HTML pages (PNG images embedded as base64)
+- :mod:`.evaluation`    ``python -m cervspine.evaluate ... report=true``
+- :mod:`.study`         ``python -m cervspine.predict ... report=true`` (Grad-CAM from :mod:`cervspine.inference`)
+- :mod:`.saliency`      saliency maps drawn over the slice the model saw
+- :mod:`.wandb_images`  log figures to any WandbLogger
+- :mod:`.model_card`    MODEL_CARD.md next to a trained pipeline run
+- :mod:`.console`       the metrics table the entry points print
 """
 
 SYNTHETIC_LABEL = "SYNTHETIC DATA"

@@ -17,8 +17,8 @@ from matplotlib.figure import Figure
 from cervspine import TARGETS
 from cervspine.io.atomic import write_json_atomic
 from cervspine.report import figures, html
-from cervspine.scoring.metrics import bootstrap_ci, rsna_score
-from cervspine.scoring.thresholds import METRICS, OperatingThreshold, bootstrap_table, choose_thresholds
+from cervspine.scoring.metrics import METRICS, bootstrap_ci, bootstrap_table, rsna_score
+from cervspine.scoring.thresholds import OperatingThreshold, choose_thresholds
 
 FIGURES = {
     "roc": "ROC curves",

@@ -16,7 +16,7 @@ from torchmetrics.functional.classification import binary_precision_recall_curve
 
 from cervspine import TARGETS
 from cervspine.report import SYNTHETIC_LABEL
-from cervspine.scoring.thresholds import binary_metrics
+from cervspine.scoring.metrics import binary_metrics
 
 DPI = 110
 CURVE = "#1f5fa8"

@@ -9,9 +9,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cervspine import TARGETS, __version__
-from cervspine.io.rsna import RsnaIndex
+from cervspine.io.rsna import RsnaIndex, is_synthetic
 from cervspine.runs.info import data_fingerprint, git_commit
-from cervspine.runs.layout import is_synthetic
 
 STAGES = ("stage1", "stage2")
 

@@ -20,9 +20,8 @@ from matplotlib.patches import Rectangle
 
 from cervspine import TARGETS, VERTEBRAE
 from cervspine.cache import CachedStudy
-from cervspine.data.stage1_table import BOX_COLS, VIS_COLS, vertebra_extents
-from cervspine.inference import Predictor, StudyPrediction
-from cervspine.models.fracture import FractureClassifier
+from cervspine.data.stage1_table import BOX_COLS, vertebra_extents
+from cervspine.inference import Explanation, Predictor, Stage1Output, StudyPrediction
 from cervspine.report import figures, html, saliency
 from cervspine.scoring.thresholds import OperatingThreshold, choose_thresholds
 
@@ -223,16 +222,11 @@ def probability_figure(
 
 
 def key_slice_figure(
-    study: CachedStudy,
-    key: list[KeySlice],
-    images: np.ndarray,
-    cams: np.ndarray,
-    layer: str | None,
-    middle_channel: int,
-    synthetic: bool,
+    study: CachedStudy, key: list[KeySlice], explanation: Explanation | None, synthetic: bool
 ) -> Figure:
     """Per key slice: the axial slice with the model's crop, the crop as the model saw it, Grad-CAM
-    (only the axial slice when there is no saliency map: ``layer`` None)."""
+    (only the axial slice when the stage-2 model gives no saliency)."""
+    layer = explanation.layer if explanation is not None else None
     n, ncols = max(len(key), 1), 3 if layer else 1
     fig = Figure(figsize=(10 if layer else 4.5, 3.3 * n + 0.6), layout="constrained")
     how = f"Grad-CAM at backbone.{layer}" if layer else "no saliency for this stage-2 model"
@@ -247,10 +241,10 @@ def key_slice_figure(
             y0, x0, y1, x1 = ks.crop
             box = Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec="#00e5ff", lw=1.5)
             ax_full.add_patch(box)
-            crop = images[ks.rank - 1, middle_channel]
+            crop = explanation.images[ks.rank - 1, explanation.display_channel]
             row[1].imshow(crop, cmap="gray", vmin=0, vmax=1, interpolation="bilinear")
             row[1].set_title("model input (crop)", fontsize=9)
-            row[2].imshow(saliency.overlay(crop, cams[ks.rank - 1]), interpolation="bilinear")
+            row[2].imshow(saliency.overlay(crop, explanation.cams[ks.rank - 1]), interpolation="bilinear")
             row[2].set_title(f"Grad-CAM for {VERTEBRAE[ks.vertebra]}", fontsize=9)
     for ax in axes.ravel():
         ax.set_xticks([])
@@ -273,24 +267,23 @@ def write_study_report(
     n_key: int = 3,
 ) -> StudyReport:
     """Figures and page for one scored study. ``threshold`` (float or ``{"vertebra", "patient"}``, e.g.
-    from an evaluation report's report.json) draws the operating thresholds; None leaves them out."""
+    from an evaluation report's report.json) draws the operating thresholds; None leaves them out. The
+    key slices are explained by the (first) stage-2 model where it can (Grad-CAM of the slice model)."""
     out = Path(out_dir)
     table = pred.slice_table
-    vis, boxes = table[VIS_COLS].to_numpy(np.float32), table[BOX_COLS].to_numpy(np.float32)
     instance = table["instance_number"].to_numpy()
     key = pick_key_slices(
         pred.fracture_slices, pred.fracture_probs, instance, n_key, max(2, study.num_slices // 40)
     )
-    images = np.zeros((0, 1, 1, 1), dtype=np.float32)
-    cams = np.zeros((0, 1, 1), dtype=np.float32)
-    layer = None
-    if key and isinstance(predictor.stage2, FractureClassifier):  # Grad-CAM needs the slice classifier
-        x, m, crops = predictor.stage2_inputs(study, vis, boxes, np.array([k.slice_index for k in key]))
-        for ks, c in zip(key, crops):
+    model = predictor.stage2[0]
+    explanation = None
+    if key:
+        stage1 = pred.stage1 or Stage1Output.from_frame(table)
+        slices = np.array([k.slice_index for k in key])
+        explanation = model.explain(study, stage1, slices, [k.vertebra for k in key])
+    if explanation is not None:
+        for ks, c in zip(key, explanation.crops):
             ks.crop = c
-        cams, layer = saliency.gradcam(predictor.stage2, x.float(), m, [k.vertebra for k in key])
-        images = x.float().cpu().numpy()
-    middle = len(predictor.data2.offsets) // 2  # channels are window-major: window 0's middle slice
     thresholds = choose_thresholds(None, None, threshold) if threshold is not None else None
     synthetic_flag = bool(synthetic)
     figs = {
@@ -298,27 +291,29 @@ def write_study_report(
             study.volume, tuple(study.meta["spacing_cached"]), table, pred.probabilities, key, synthetic_flag
         ),
         "probabilities": probability_figure(pred.probabilities, thresholds, synthetic_flag),
-        "key_slices": key_slice_figure(study, key, images, cams, layer, middle, synthetic_flag),
+        "key_slices": key_slice_figure(study, key, explanation, synthetic_flag),
     }
     pngs = {name: figures.save_png(fig, out / f"{name}.png") for name, fig in figs.items()}
     doc = html.page(
         f"Study {pred.uid}",
-        _sections(pred, key, layer, thresholds, predictor, pngs),
+        _sections(pred, key, explanation, thresholds, model.backbone, pngs),
         synthetic=synthetic_flag,
         subtitle=f"source: {study.meta.get('source', '')}",
     )
     page = html.write_page(out / "report.html", doc)
-    return StudyReport(page, pngs, key, cams, layer, figs)
+    cams = explanation.cams if explanation is not None else np.zeros((0, 1, 1), dtype=np.float32)
+    return StudyReport(page, pngs, key, cams, explanation.layer if explanation else None, figs)
 
 
 def _sections(
     pred: StudyPrediction,
     key: list[KeySlice],
-    layer: str | None,
+    explanation: Explanation | None,
     thresholds: OperatingThreshold | None,
-    predictor: Predictor,
+    backbone: str,
     pngs: dict[str, Path],
 ) -> list[str]:
+    layer = explanation.layer if explanation is not None else None
     limits = thresholds.per_target() if thresholds is not None else None
     rows = []
     for j, (name, p) in enumerate(zip(TARGETS, pred.probabilities)):
@@ -330,7 +325,6 @@ def _sections(
         if thresholds is not None
         else "No operating threshold given (pass report_threshold=, e.g. from an evaluation report)."
     )
-    backbone = predictor.stage2.hparams.get("backbone", {}).get("name", "?")
     saliency_note = (
         f"Saliency: Grad-CAM (pytorch-grad-cam) of the named level's logit at layer "
         f"<code>{html.esc(layer)}</code> of the {html.esc(backbone)} backbone."

@@ -7,8 +7,6 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig, open_dict
-
 log = logging.getLogger(__name__)
 
 STAGE_DIRS = {"stage1": "stage1", "stage2": "stage2"}
@@ -56,17 +54,3 @@ def stage_checkpoints(
         if not p.is_file():
             raise FileNotFoundError(f"checkpoint not found: {p}")
     return s1, s2
-
-
-def is_synthetic(root: str | Path) -> bool:
-    """True for folders made by ``cervspine.synthesize`` (they carry ``synthetic_manifest.csv``)."""
-    return (Path(root) / "synthetic_manifest.csv").is_file()
-
-
-def use_trained_image_size(cfg: DictConfig, size: int | None) -> None:
-    """Set ``cfg.data.image_size`` (and with it the default ``data.cache_dir``) to the size the checkpoints
-    were trained on: scoring a cache of another size feeds the models other pixels than they learned on."""
-    if size is not None and int(cfg.data.image_size) != int(size):
-        log.info("data.image_size %s → %d (the checkpoints' size)", cfg.data.image_size, size)
-        with open_dict(cfg):
-            cfg.data.image_size = int(size)

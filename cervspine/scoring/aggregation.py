@@ -8,6 +8,7 @@ New ones (e.g. a learned aggregator) join through :func:`register_aggregator`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -15,12 +16,13 @@ import numpy as np
 import pandas as pd
 
 from cervspine import TARGETS, VERTEBRAE
+from cervspine.scoring.competition import PROBABILITY_EPS
 
 UID = "StudyInstanceUID"
 P_COLUMNS: tuple[str, ...] = tuple(f"p_{v}" for v in VERTEBRAE)
 VIS_COLUMNS: tuple[str, ...] = tuple(f"vis_{v}" for v in VERTEBRAE)
 N_VERTEBRAE = len(VERTEBRAE)
-DEFAULT_EPS = 1e-4
+DEFAULT_EPS = PROBABILITY_EPS
 
 Aggregator = Callable[..., np.ndarray]
 """``fn(slice_probs (n, 7), visibility (n, 7), **kwargs) -> (7,)`` per-vertebra probabilities."""
@@ -73,7 +75,8 @@ def topk_mean(
 
     With fewer than k such slices: visibility-weighted top-k, the mean of the top min(k, Σ vis) units of
     visibility mass ranked by p (a slice with vis 0.3 counts as 0.3 of a slice). Never visible
-    (Σ vis = 0) → ``fallback``. Scored 0.38 vs 0.47 for the visibility mean in DESIGN §6.
+    (Σ vis = 0) → ``fallback``. On 60 synthetic studies a top-5 mean scored 0.38 where the visibility
+    mean scored 0.47 on the same slice predictions.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -198,3 +201,78 @@ def aggregate_table(
     out = pd.DataFrame(np.asarray(rows).reshape(-1, len(TARGETS)), columns=list(TARGETS))
     out.insert(0, UID, pd.Series(uids, dtype=object))
     return out
+
+
+# ---------------------------------------------------------------------------- model outputs → study rows
+def aggregate_slices(
+    probs: np.ndarray,
+    vis: np.ndarray,
+    study_idx: np.ndarray,
+    slice_index: np.ndarray,
+    **aggregation: Any,
+) -> tuple[np.ndarray, list[int]]:
+    """Per-slice outputs (any order, duplicates from DDP padding allowed) → (n_studies, 8), study ids.
+
+    ``aggregation`` holds ``method``, ``overall`` and options; options the chosen method does not take
+    (e.g. ``k`` for ``visibility_mean``) are left out, so one config serves every method.
+    """
+    aggregation = method_options(aggregation)
+    probs, vis = np.asarray(probs, dtype=np.float64), np.asarray(vis, dtype=np.float64)
+    study_idx, slice_index = np.asarray(study_idx).astype(int), np.asarray(slice_index).astype(int)
+    seen = sorted(set(study_idx.tolist()))
+    rows = []
+    for s in seen:
+        m = study_idx == s
+        _, first = np.unique(slice_index[m], return_index=True)  # drop DDP duplicates, order by slice
+        rows.append(aggregate_study(probs[m][first], vis[m][first], **aggregation))
+    return np.stack(rows), seen
+
+
+def method_options(aggregation: dict[str, Any]) -> dict[str, Any]:
+    """Keep ``method``/``overall``/``eps`` and the options the chosen aggregator accepts."""
+    method = aggregation.get("method", "topk_mean")
+    if method not in AGGREGATORS:
+        raise ValueError(f"unknown aggregation method {method!r}; known: {sorted(AGGREGATORS)}")
+    accepted = inspect.signature(AGGREGATORS[method]).parameters
+    keep = {"method", "overall", "eps"}
+    return {k: v for k, v in aggregation.items() if k in keep or k in accepted}
+
+
+def vertebra_rows(
+    probs: np.ndarray,
+    present: np.ndarray,
+    vertebra: np.ndarray,
+    study_idx: np.ndarray,
+    prior: np.ndarray,
+    overall: np.ndarray | None = None,
+) -> tuple[np.ndarray, list[int]]:
+    """Flat per-vertebra outputs (any order; DDP duplicates allowed) → (n_studies, 8), study ids.
+
+    Absent vertebrae (and ones no item covered) get ``prior[v]``; patient_overall is ``overall`` (the
+    study head's, one value per item) or else the noisy-or of the 7 (``prior[7]`` if none is present).
+    """
+    probs, present = np.asarray(probs, dtype=np.float64), np.asarray(present) > 0
+    vertebra, study_idx = np.asarray(vertebra).astype(int), np.asarray(study_idx).astype(int)
+    seen = sorted(set(study_idx.tolist()))
+    rows = []
+    for s in seen:
+        m = study_idx == s
+        row = np.asarray(prior, dtype=np.float64).copy()
+        found = np.zeros(N_VERTEBRAE, dtype=bool)
+        for p, ok, v in zip(probs[m], present[m], vertebra[m]):
+            if ok:
+                row[v], found[v] = p, True
+        if overall is not None:
+            row[N_VERTEBRAE] = float(np.asarray(overall)[m][0]) if found.any() else prior[N_VERTEBRAE]
+        elif found.any():
+            row[N_VERTEBRAE] = 1.0 - np.prod(1.0 - row[:N_VERTEBRAE])
+        rows.append(np.clip(row, DEFAULT_EPS, 1 - DEFAULT_EPS))
+    return np.stack(rows), seen
+
+
+def logit_mean(study_probs: np.ndarray, eps: float = DEFAULT_EPS) -> np.ndarray:
+    """(m, 8) study probabilities of m models → (8,) ``sigmoid(mean_m logit(p))`` (an ensemble's answer),
+    each clipped to [eps, 1 − eps] first."""
+    p = np.clip(np.asarray(study_probs, dtype=np.float64), eps, 1 - eps)
+    logits = np.log(p) - np.log1p(-p)
+    return (1.0 / (1.0 + np.exp(-logits.mean(axis=0)))).astype(np.float32)

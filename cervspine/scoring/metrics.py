@@ -1,6 +1,8 @@
-"""The competition metric and study-level classification metrics.
+"""The competition metric and study-level classification metrics (one implementation of each).
 
-Arrays are (n_studies, 8) with columns ``TARGETS`` = C1…C7, patient_overall.
+Arrays are (n_studies, 8) with columns ``TARGETS`` = C1…C7, patient_overall. Thresholded metrics count
+``p > threshold`` as positive (torchmetrics' convention); :func:`binary_metrics` is vectorised along the
+last axis, so bootstrap resamples are scored in one call.
 """
 
 from __future__ import annotations
@@ -10,21 +12,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchmetrics.functional.classification import (
-    binary_accuracy,
-    binary_auroc,
-    binary_f1_score,
-    binary_precision,
-    binary_recall,
-)
+from scipy.stats import rankdata
 
 from cervspine import TARGETS, VERTEBRAE
+from cervspine.scoring.competition import competition_weights
+from cervspine.scoring.thresholds import OperatingThreshold
 
 N_TARGETS = len(TARGETS)
-NEGATIVE_WEIGHTS = np.array([1.0] * len(VERTEBRAE) + [7.0])
-"""Competition weight of a negative label, per target (C1…C7, patient_overall)."""
-POSITIVE_WEIGHTS = 2.0 * NEGATIVE_WEIGHTS
-"""Competition weight of a positive label: twice the negative one."""
+METRICS = ("accuracy", "precision", "recall", "f1", "auroc")
 
 MetricFn = Callable[[np.ndarray, np.ndarray], float]
 
@@ -52,11 +47,6 @@ def _validate(y_true: Any, y_pred: Any) -> tuple[np.ndarray, np.ndarray]:
     if (p < 0).any() or (p > 1).any():
         raise ValueError("y_pred must be probabilities in [0, 1]")
     return t, p
-
-
-def competition_weights(y_true: np.ndarray) -> np.ndarray:
-    """Per-element weights (n, 8): C1…C7 1/2, patient_overall 7/14 (negative/positive)."""
-    return np.where(np.asarray(y_true) > 0.5, POSITIVE_WEIGHTS, NEGATIVE_WEIGHTS)
 
 
 def study_losses(y_true: Any, y_pred: Any, eps: float = 1e-7) -> np.ndarray:
@@ -98,16 +88,35 @@ def prior_baseline(y_train: Any, eps: float = 1e-3, optimal: bool = False) -> np
     return np.clip(prior, eps, 1 - eps)
 
 
-def _binary_metrics(target: torch.Tensor, pred: torch.Tensor, threshold: float) -> dict[str, float]:
-    t = target.long()
-    single_class = bool(t.min() == t.max())
+def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
+    """Accuracy, precision, recall, F1 and AUROC along the last axis (so (B, n) gives B values each).
+
+    Undefined precision/recall/F1 are 0 (torchmetrics' zero division); AUROC is NaN with one class.
+    """
+    y, p = np.asarray(y, dtype=bool), np.asarray(p, dtype=np.float64)
+    pred = p > threshold
+    tp = (pred & y).sum(-1).astype(np.float64)
+    fp = (pred & ~y).sum(-1).astype(np.float64)
+    fn = (~pred & y).sum(-1).astype(np.float64)
+    n = y.shape[-1]
+    n_pos = y.sum(-1).astype(np.float64)
+    n_neg = n - n_pos
+
+    def div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
+
+    precision, recall = div(tp, tp + fp), div(tp, tp + fn)
+    ranks = rankdata(p, axis=-1)  # average ranks: ties count one half, as the trapezoidal ROC area does
+    rank_pos = (ranks * y).sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auroc = (rank_pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    auroc = np.where((n_pos > 0) & (n_neg > 0), auroc, np.nan)
     return {
-        "accuracy": float(binary_accuracy(pred, t, threshold=threshold)),
-        "precision": float(binary_precision(pred, t, threshold=threshold)),
-        "recall": float(binary_recall(pred, t, threshold=threshold)),
-        "f1": float(binary_f1_score(pred, t, threshold=threshold)),
-        "auroc": float("nan") if single_class else float(binary_auroc(pred, t)),
-        "n_positive": float(t.sum()),
+        "accuracy": (n - fp - fn) / n,
+        "precision": precision,
+        "recall": recall,
+        "f1": div(2 * tp, 2 * tp + fp + fn),
+        "auroc": auroc,
     }
 
 
@@ -115,17 +124,17 @@ def classification_report(y_true: Any, y_pred: Any, threshold: float = 0.5) -> d
     """Per-target metrics, their macro average over C1…C7, and the competition score.
 
     Returns ``{"C1": {...}, …, "patient_overall": {...}, "macro": {...}, "rsna_score": float}``; each
-    inner dict has accuracy, precision, recall, f1, auroc (torchmetrics, predictions ≥ threshold are
-    positive) and n_positive. AUROC is NaN when a target has one class only; precision/recall/F1 are 0
-    when undefined (torchmetrics' zero division). The macro average ignores NaN (NaN if all are).
+    inner dict has accuracy, precision, recall, f1, auroc (:func:`binary_metrics` at ``threshold``) and
+    n_positive. AUROC is NaN when a target has one class only; precision/recall/F1 are 0 when undefined.
+    The macro average ignores NaN (NaN if all are).
     """
     t, p = _validate(y_true, y_pred)
-    tt, pp = torch.from_numpy(t), torch.from_numpy(p)
+    values = binary_metrics(t.T, p.T, threshold)  # one row per target
     report: dict[str, Any] = {
-        name: _binary_metrics(tt[:, j], pp[:, j], threshold) for j, name in enumerate(TARGETS)
+        name: {**{k: float(values[k][j]) for k in METRICS}, "n_positive": float(t[:, j].sum())}
+        for j, name in enumerate(TARGETS)
     }
-    keys = ("accuracy", "precision", "recall", "f1", "auroc")
-    report["macro"] = {k: _nanmean([report[v][k] for v in VERTEBRAE]) for k in keys}
+    report["macro"] = {k: _nanmean([report[v][k] for v in VERTEBRAE]) for k in METRICS}
     report["rsna_score"] = rsna_score(t, p)
     return report
 
@@ -171,3 +180,33 @@ def bootstrap_ci(
         return float("nan"), float("nan")
     low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
+
+
+def bootstrap_table(
+    y: np.ndarray,
+    p: np.ndarray,
+    thresholds: OperatingThreshold,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, dict[str, Any]]:
+    """Per target: each metric's point estimate and percentile-bootstrap (1 − alpha) interval.
+
+    Studies (rows) are resampled with replacement, the same resamples for every target; resamples where
+    a metric is undefined (AUROC with one class) are left out of its interval.
+    """
+    y, p = np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(y), size=(n_boot, len(y)))
+    table: dict[str, dict[str, Any]] = {}
+    for j, (name, t) in enumerate(zip(TARGETS, thresholds.per_target())):
+        point = binary_metrics(y[:, j], p[:, j], t)
+        boot = binary_metrics(y[idx, j], p[idx, j], t)
+        row: dict[str, Any] = {"threshold": float(t), "n_positive": int(y[:, j].sum()), "n": len(y)}
+        for m in METRICS:
+            values = boot[m][~np.isnan(boot[m])]
+            lo, hi = np.quantile(values, [alpha / 2, 1 - alpha / 2]) if values.size else (np.nan, np.nan)
+            row[m] = float(point[m])
+            row[f"{m}_ci95"] = [float(lo), float(hi)]
+        table[name] = row
+    return table

@@ -7,6 +7,8 @@ import numpy as np
 from lightning.pytorch.callbacks import Callback, WeightAveraging
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
+from cervspine.models.study_validation import StudyValidation
+
 
 class EMAWeightAveraging(WeightAveraging):
     """Exponential moving average of the weights; validation and the saved model use the average.
@@ -48,9 +50,9 @@ class EMAWeightAveraging(WeightAveraging):
 class ReportImagesCallback(Callback):
     """At the end of fit, draw the validation ROC curves and log them as an image to every WandbLogger.
 
-    The study-level predictions are the module's ``last_val_predictions`` (``(uids, predictions (n, 8),
-    labels (n, 8))``, set by the fracture classifier's last validation epoch). Does nothing without a
-    WandbLogger or without such predictions.
+    The study-level predictions are the module's ``last_val_predictions`` (a
+    :class:`~cervspine.scoring.table.StudyPredictions`, set by every stage-2 model's last validation epoch).
+    Does nothing without a WandbLogger or without such predictions.
     """
 
     def __init__(self, key: str = "val/roc_curves"):
@@ -59,14 +61,14 @@ class ReportImagesCallback(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from cervspine.report.wandb_images import log_figures, wandb_loggers
 
-        last = getattr(pl_module, "last_val_predictions", None)
+        last = pl_module.last_val_predictions if isinstance(pl_module, StudyValidation) else None
         if last is None or not trainer.is_global_zero or not wandb_loggers(trainer.loggers):
             return
+        from cervspine.io.rsna import is_synthetic
         from cervspine.report.figures import roc_figure
-        from cervspine.runs.layout import is_synthetic
 
-        _, preds, labels = last
         root = getattr(getattr(trainer, "datamodule", None), "root", None)
         synthetic = root is not None and is_synthetic(root)
-        fig = roc_figure(np.asarray(labels, np.float64), np.asarray(preds, np.float64), synthetic=synthetic)
+        y, p = (np.asarray(a, np.float64) for a in (last.labels, last.predictions))
+        fig = roc_figure(y, p, synthetic=synthetic)
         log_figures(trainer.loggers, {self.key: fig}, step=trainer.global_step)

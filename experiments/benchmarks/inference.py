@@ -41,10 +41,11 @@ def naive_stages(predictor, study) -> tuple[np.ndarray, dict[str, float]]:
     from cervspine.data.metadata import slice_features, study_features
     from cervspine.data.spine import crop_pixels, crop_track
     from cervspine.data.transforms import resize_hwc, window_stack
-    from cervspine.models.fracture import aggregate_slices
+    from cervspine.scoring.aggregation import aggregate_slices
 
-    d1, d2, hp = predictor.data1, predictor.data2, predictor.data2.extra
-    s1, s2 = predictor.stage1, predictor.stage2
+    member = predictor.stage2[0]
+    d1, d2, spec = predictor.stage1.stack, member.stack, member.spec
+    s1, s2 = predictor.stage1.model, member.model
     n, t = study.num_slices, {}
 
     def chw(img: np.ndarray) -> torch.Tensor:
@@ -54,22 +55,16 @@ def naive_stages(predictor, study) -> tuple[np.ndarray, dict[str, float]]:
     vis, boxes = np.zeros((n, 7), np.float32), np.zeros((n, 4), np.float32)
     with torch.no_grad():
         for z in range(n):
-            img = resize_hwc(window_stack(study.slices(z + d1.offsets), d1.windows), d1.input_size)
+            img = resize_hwc(window_stack(study.slices(z + d1.offsets), d1.hu_windows), d1.input_size)
             logits, box = s1(chw(img))
             vis[z], boxes[z] = torch.sigmoid(logits)[0].numpy(), box[0].numpy()
     boxes[vis.max(axis=1) < 0.5] = np.nan
     t["stage1"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    norm = hp.get("visibility_norm", "none")  # as the Predictor does before stage 2
-    if norm != "none":
-        from cervspine.data.visibility import normalize_visibility
-
-        vis = normalize_visibility(vis, norm)
-    zs = np.flatnonzero(vis.max(axis=1) >= float(hp.get("visible_threshold", 0.5)))
-    crops = crop_track(
-        boxes, margin=float(hp.get("crop_margin", 0.25)), min_size=float(hp.get("min_crop", 0.15))
-    )
+    vis = spec.visibility(vis)  # as the Predictor does before stage 2
+    zs = np.flatnonzero(vis.max(axis=1) >= spec.visible_threshold)
+    crops = crop_track(boxes, margin=spec.crop_margin, min_size=spec.min_crop)
     sf = study_features(study.meta)
     h, w = study.volume.shape[1:]
     probs = []
@@ -77,14 +72,14 @@ def naive_stages(predictor, study) -> tuple[np.ndarray, dict[str, float]]:
         for z in zs:
             y0, x0, y1, x1 = crop_pixels(crops[z], h, w)
             hu = np.asarray(study.volume[np.clip(z + d2.offsets, 0, n - 1), y0:y1, x0:x1])
-            img = resize_hwc(window_stack(hu, d2.windows), d2.input_size)
+            img = resize_hwc(window_stack(hu, d2.hu_windows), d2.input_size)
             meta = np.concatenate([slice_features(int(z), n, vis[z]), sf]).astype(np.float32)
             out = s2(chw(img), torch.from_numpy(meta)[None])
             probs.append(torch.sigmoid(out["fracture"])[0].numpy())
     t["stage2"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    agg, _ = aggregate_slices(np.stack(probs), vis[zs], np.zeros(len(zs)), zs, **predictor.aggregation)
+    agg, _ = aggregate_slices(np.stack(probs), vis[zs], np.zeros(len(zs)), zs, **member.aggregation)
     t["aggregate"] = time.perf_counter() - t0
     return agg[0], t
 
@@ -102,7 +97,7 @@ def main() -> None:
     default_threads = torch.get_num_threads()
 
     def predictor(**kw) -> Predictor:
-        return Predictor(ckpts["stage1"], ckpts["stage2"], device="cpu", **kw)
+        return Predictor.from_checkpoints(ckpts["stage1"], ckpts["stage2"], device="cpu", **kw)
 
     variants: dict[str, dict[str, Any]] = {
         "fp32, 1 thread": dict(num_threads=1),
@@ -155,7 +150,7 @@ def main() -> None:
     cmd = command("inference", args.quick)
     base = "fp32, 1 thread"
     shape = template.volume.shape
-    d1, d2 = predictors[base].data1, predictors[base].data2
+    d1, d2 = predictors[base].stage1.stack, predictors[base].stage2[0].stack
     context = (
         f"{shape[1]}×{shape[2]}×{shape[0]} uncompressed study; stage inputs {d1.input_size}² and "
         f"{d2.input_size}² (demo configs), cache {size}²; {repeats} interleaved repeats, medians; "

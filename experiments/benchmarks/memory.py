@@ -60,7 +60,7 @@ def _child(kind: str, variant: str) -> dict:
         torch.set_num_threads(1)
         folder = bench_study("explicit")
         ckpts = demo_checkpoints(rsna_folder(8, 256, (100, 140)))
-        predictor = Predictor(ckpts["stage1"], ckpts["stage2"], device="cpu", num_threads=1)
+        predictor = Predictor.from_checkpoints(ckpts["stage1"], ckpts["stage2"], device="cpu", num_threads=1)
         params = CacheParams(image_size=predictor.image_size)
         template = dataclasses.replace(load_study(folder), volume=None) if variant == "naive" else None
         volume_bytes = None

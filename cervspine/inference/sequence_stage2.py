@@ -1,0 +1,97 @@
+"""The per-vertebra sequence model as a stage-2 strategy: C1–C7 crop sequences placed by stage 1 (never by
+a segmentation: test studies have none), scored as one study."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cervspine import VERTEBRAE
+from cervspine.cache import CachedStudy
+from cervspine.data.vertebra_crops import VertebraCropper, VertebraExtent, study_sequences
+from cervspine.inference.checkpoints import image_size, load_module
+from cervspine.inference.runtime import Runtime
+from cervspine.inference.stage1 import Stage1Output
+from cervspine.inference.stage2 import Stage2Result, register_stage2
+from cervspine.models.backbones import backbone_name
+from cervspine.models.sequence import VertebraSequenceClassifier
+
+
+@dataclass
+class SequenceInputs:
+    """A study's 7 sequences: images (7, N, C, S, S), sampled slices (7, N; -1 absent), presence (7,)."""
+
+    uid: str
+    extents: list[VertebraExtent]
+    images: np.ndarray
+    slices: np.ndarray
+    present: np.ndarray
+
+
+@register_stage2("VertebraSequenceClassifier")
+class SequenceStage2:
+    """:class:`~cervspine.models.sequence.VertebraSequenceClassifier` on stage-1-placed crop sequences."""
+
+    kind = "sequence"
+    calibrated = False  # no study calibration: the model's prior and logit shift are in its buffers
+
+    def __init__(
+        self, model: VertebraSequenceClassifier, data_hp: dict[str, Any], runtime: Runtime, checkpoint: Path
+    ):
+        self.model, self.data_hp, self.runtime = model, data_hp, runtime
+        self.checkpoint = Path(checkpoint)
+        self.cropper = VertebraCropper.from_hparams(data_hp)
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, runtime: Runtime, *, ckpt: dict[str, Any] | None = None, **_: Any
+    ) -> SequenceStage2:
+        """``aggregation`` and other slice-model options do not apply and are ignored."""
+        model, data_hp = load_module(path, VertebraSequenceClassifier, runtime, ckpt)
+        return cls(model, data_hp, runtime, Path(path))
+
+    @property
+    def image_size(self) -> int | None:
+        return image_size(self.data_hp)
+
+    @property
+    def backbone(self) -> str:
+        return backbone_name(self.model.hparams.get("backbone"))
+
+    def inputs(self, study: CachedStudy, stage1: Stage1Output) -> SequenceInputs:
+        vis, boxes = stage1.visibility, stage1.boxes
+        extents = self.cropper.extents_from_stage1(vis, boxes)
+        images, slices, present = study_sequences(self.cropper, study.volume, extents, vis, boxes)
+        if not present.any():
+            raise RuntimeError(f"{study.uid}: stage 1 found no cervical vertebra on any slice")
+        return SequenceInputs(study.uid, extents, images, slices, present)
+
+    def score(self, inputs: SequenceInputs) -> Stage2Result:
+        """``fracture_slices``: the sampled slices (sorted, unique); ``fracture_probs[i, v]``: vertebra v's
+        probability where slice i was sampled for v, else 0."""
+        x = torch.from_numpy(inputs.images).to(self.runtime.device)
+        with self.runtime.autocast():
+            probs = self.model.predict_study(x, torch.from_numpy(inputs.present).to(self.runtime.device))
+        slices = inputs.slices
+        details = {
+            "model": "VertebraSequenceClassifier",
+            "vertebrae": {
+                v: {"probability": float(probs[i]), **e.as_dict(), "slices": slices[i].tolist()}
+                for i, (v, e) in enumerate(zip(VERTEBRAE, inputs.extents))
+            },
+        }
+        z = np.unique(slices[slices >= 0])
+        per_slice = np.zeros((len(z), len(VERTEBRAE)), dtype=np.float32)
+        for v in range(len(VERTEBRAE)):
+            per_slice[np.isin(z, slices[v]), v] = probs[v]
+        return Stage2Result(probs, z, per_slice, details)
+
+    def explain(
+        self, study: CachedStudy, stage1: Stage1Output, slices: np.ndarray, levels: list[int]
+    ) -> None:
+        """No saliency for the sequence model (its Grad-CAM would need a target per sequence position)."""
+        return None

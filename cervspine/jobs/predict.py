@@ -1,0 +1,125 @@
+"""Predicting: a Kaggle ``submission.csv`` for a folder's test.csv, or one study folder's answer.
+
+Every scored study also gets ``studies/<uid>.json`` (per-vertebra probabilities, the detected vertebra
+extents, timings). The submission is written atomically and only when every study was scored; otherwise
+the result lists the studies that could not be. ``report=true`` adds ``study_reports/<uid>/report.html``
+(+ PNGs) per study (see :mod:`cervspine.report.study`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from cervspine import TARGETS
+from cervspine.cache import CachedStudy, CacheParams, InMemoryStudy, preprocess
+from cervspine.data.stage1_table import vertebra_extents
+from cervspine.inference import Predictor, StudyPrediction
+from cervspine.io import load_study
+from cervspine.io.atomic import write_csv_atomic, write_json_atomic
+from cervspine.io.rsna import RsnaIndex, is_synthetic
+from cervspine.jobs.cache import cache_for
+from cervspine.scoring.competition import PROBABILITY_EPS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PredictResult:
+    predictions: dict[str, np.ndarray] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    submission: Path | None = None
+    reports: dict[str, Path] = field(default_factory=dict)
+
+
+def study_record(pred: StudyPrediction) -> dict[str, Any]:
+    extents = vertebra_extents(pred.slice_table).drop(columns="StudyInstanceUID")
+    return {**pred.as_dict(), "vertebra_extents": extents.to_dict(orient="records")}
+
+
+def submission_frame(test: pd.DataFrame, predictions: dict[str, np.ndarray]) -> pd.DataFrame:
+    """test.csv rows → (row_id, fractured), probabilities strictly inside (0, 1)."""
+    col = {t: i for i, t in enumerate(TARGETS)}
+    values = [
+        float(predictions[u][col[t]]) for u, t in zip(test["StudyInstanceUID"], test["prediction_type"])
+    ]
+    fractured = np.clip(values, PROBABILITY_EPS, 1 - PROBABILITY_EPS)
+    return pd.DataFrame({"row_id": test["row_id"].to_numpy(), "fractured": fractured})
+
+
+def report_dir(cfg: DictConfig, uid: str) -> Path:
+    """Where one study's report goes: ``<output_dir>/study_reports/<uid>/`` (``report.html`` and PNGs)."""
+    return Path(cfg.paths.output_dir) / "study_reports" / uid
+
+
+def write_report(
+    cfg: DictConfig, study: CachedStudy, pred: StudyPrediction, predictor: Predictor, synthetic: bool
+) -> Path:
+    """One scored study's report; returns its ``report.html``."""
+    from cervspine.report.study import write_study_report
+
+    threshold = cfg.get("report_threshold")
+    out = report_dir(cfg, pred.uid)
+    return write_study_report(out, study, pred, predictor, synthetic=synthetic, threshold=threshold).html
+
+
+def predict_study_folder(cfg: DictConfig, predictor: Predictor | None = None) -> StudyPrediction:
+    """One DICOM folder (``cfg.study``), read and scored in memory (nothing is written to the cache)."""
+    predictor = predictor or instantiate(cfg.predictor)
+    study = InMemoryStudy(load_study(cfg.study), CacheParams(image_size=predictor.image_size))
+    pred = predictor.predict(study)
+    out = Path(cfg.paths.output_dir)
+    write_json_atomic(out / "studies" / f"{pred.uid}.json", study_record(pred))
+    if cfg.get("report"):  # synthetic when the folder sits in a generated RSNA folder (<root>/*_images/)
+        synthetic = any(is_synthetic(a) for a in Path(cfg.study).resolve().parents[:2])
+        write_report(cfg, study, pred, predictor, synthetic)
+    return pred
+
+
+def predict_folder(cfg: DictConfig, predictor: Predictor | None = None) -> PredictResult:
+    """Every study of ``data.root``'s test.csv; submission.csv only when all were scored."""
+    index = RsnaIndex.from_root(cfg.data.root, exclude=tuple(cfg.data.exclude), require_images=False)
+    if index.test is None or not len(index.test):
+        raise FileNotFoundError(f"{cfg.data.root}: no test.csv rows to predict")
+    predictor = predictor or instantiate(cfg.predictor)
+    out = Path(cfg.paths.output_dir)
+    cache_dir, params = cache_for(cfg.data, predictor.image_size)
+    synthetic = is_synthetic(cfg.data.root)
+    result = PredictResult()
+    uids = list(dict.fromkeys(index.test["StudyInstanceUID"]))
+    for u in uids:
+        if not index.study_dir(u).is_dir():
+            result.failed[u] = f"no study folder {index.study_dir(u)}"
+    built = preprocess(index, cache_dir, params, workers=cfg.workers, splits=("test",), progress=False)
+    result.failed.update(built.failed)
+    for uid in uids:
+        if uid in result.failed:
+            continue
+        try:
+            pred = predictor.predict(CachedStudy(cache_dir / uid))
+        except Exception as e:  # keep scoring the others; report at the end
+            result.failed[uid] = f"{type(e).__name__}: {e}"
+            continue
+        result.predictions[uid] = pred.probabilities
+        write_json_atomic(out / "studies" / f"{uid}.json", study_record(pred))
+        if cfg.get("report"):
+            study = CachedStudy(cache_dir / uid)
+            try:  # a figure that fails must not cost the submission
+                result.reports[uid] = write_report(cfg, study, pred, predictor, synthetic)
+            except Exception:
+                log.exception("%s: study report failed", uid)
+    if result.reports:
+        from cervspine.report.study import write_index
+
+        write_index(out / "study_reports", result.reports, result.predictions, synthetic)
+    if not result.failed:
+        result.submission = out / "submission.csv"
+        write_csv_atomic(submission_frame(index.test, result.predictions), result.submission)
+    return result
