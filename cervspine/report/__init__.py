@@ -1,9 +1,9 @@
 """Reports people can look at: evaluation and per-study figures, self-contained HTML, W&B images, model card.
 
-- :mod:`.figures`       matplotlib figures (object API, no pyplot state), each can carry the SYNTHETIC DATA mark
+- :mod:`.figures`       matplotlib figures (object API, no pyplot state), each may carry the SYNTHETIC mark
 - :mod:`.html`          self-contained HTML pages (PNG images embedded as base64)
 - :mod:`.evaluation`    ``python -m cervspine.evaluate ... report=true``
-- :mod:`.study`         ``python -m cervspine.predict ... report=true`` (Grad-CAM from :mod:`cervspine.inference`)
+- :mod:`.study`         ``python -m cervspine.predict ... report=true`` (Grad-CAM: cervspine.inference)
 - :mod:`.saliency`      saliency maps drawn over the slice the model saw
 - :mod:`.wandb_images`  log figures to any WandbLogger
 - :mod:`.model_card`    MODEL_CARD.md next to a trained pipeline run
