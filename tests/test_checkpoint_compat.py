@@ -1,0 +1,47 @@
+"""Checkpoints written before the house restructuring (commit 31883b1, tests/data/premove/) still load and
+give the same answers: stage 1, the slice classifier, the sequence model and their ensemble."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DATA = Path(__file__).parent / "data" / "premove"
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict:
+    return json.loads((DATA / "expected.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def study():
+    from cervspine.cache import CachedStudy
+
+    return CachedStudy(DATA / "study")
+
+
+def test_premove_stage1_gives_the_same_visibility(expected, study):
+    from cervspine.inference import Runtime, Stage1
+
+    out = Stage1.from_checkpoint(DATA / "stage1.ckpt", Runtime.create("cpu")).run(study)
+    np.testing.assert_allclose(out.visibility, np.array(expected["stage1_vis"]), rtol=0, atol=1e-6)
+    boxes = np.nan_to_num(out.boxes, nan=-1)
+    np.testing.assert_allclose(boxes, np.array(expected["stage1_boxes"]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("name", "members"),
+    [("slice", ["slice"]), ("sequence", ["sequence"]), ("ensemble", ["slice", "sequence"])],
+)
+def test_premove_stage2_models_give_the_same_probabilities(expected, study, name, members):
+    from cervspine.inference import Predictor
+
+    stage2 = [DATA / f"{m}.ckpt" for m in members]
+    predictor = Predictor.from_checkpoints(DATA / "stage1.ckpt", stage2, device="cpu")
+    assert [m.kind for m in predictor.stage2] == members
+    probs = predictor.predict(study).probabilities
+    np.testing.assert_allclose(probs, np.array(expected[name]), rtol=0, atol=1e-6)
