@@ -1,6 +1,6 @@
 """One-off script that made these files with the code before the house restructuring (commit 31883b1): tiny
 checkpoints of the three model kinds (test_resnet backbones), a cached study and their outputs on it.
-Kept to show how they were made; run only against that commit."""
+Kept to show how they were made; it runs only against that commit (ruff skips tests/data)."""
 import json, shutil, sys
 from pathlib import Path
 import numpy as np, torch
