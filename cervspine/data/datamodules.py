@@ -17,10 +17,9 @@ from cervspine.cache import CachedStudy, CacheParams
 from cervspine.data.datasets import FractureSliceDataset, VertebraeSliceDataset
 from cervspine.data.folds import assign_folds
 from cervspine.data.metadata import NUM_FEATURES, slice_features, study_features
-from cervspine.data.spine import crop_track
+from cervspine.data.slice_crops import SliceCropSpec
 from cervspine.data.stage1_table import read_stage1
-from cervspine.data.transforms import build_augment, context_offsets, resolve_windows
-from cervspine.data.visibility import normalize_visibility
+from cervspine.data.transforms import StackSpec, build_augment, context_offsets, resolve_windows
 from cervspine.io.rsna import RsnaIndex
 
 log = logging.getLogger(__name__)
@@ -39,10 +38,10 @@ class RsnaDataModule(L.LightningDataModule):
         fold: int = 0,
         n_folds: int = 5,
         fold_seed: int = 42,
-        input_size: int = 128,
-        context: int = 1,
-        stride: int = 1,
-        windows: Sequence = ("bone",),
+        input_size: int = StackSpec.input_size,
+        context: int = StackSpec.context,
+        stride: int = StackSpec.stride,
+        windows: Sequence = StackSpec.windows,
         augment: Sequence | None = None,
         batch_size: int = 32,
         num_workers: int = 2,
@@ -198,13 +197,13 @@ class FractureDataModule(RsnaDataModule):
         self,
         *args,
         stage1_predictions: str | None = None,
-        visible_threshold: float = 0.5,
-        crop_margin: float = 0.25,
-        min_crop: float = 0.15,
+        visible_threshold: float = SliceCropSpec.visible_threshold,
+        crop_margin: float = SliceCropSpec.crop_margin,
+        min_crop: float = SliceCropSpec.min_crop,
         box_radius: int = 2,
         far_from_box_weight: float = 0.25,
         unboxed_positive_weight: float = 1.0,
-        visibility_norm: str = "none",
+        visibility_norm: str = SliceCropSpec.visibility_norm,
         pos_fraction: float | None = 0.5,
         epoch_size: int | None = None,
         **kwargs,
@@ -212,11 +211,12 @@ class FractureDataModule(RsnaDataModule):
         super().__init__(*args, **kwargs)
         self.save_hyperparameters(ignore=["augment"], logger=False)
         self.stage1_path = stage1_predictions
-        self.visible_threshold = float(visible_threshold)
-        self.crop_margin, self.min_crop = float(crop_margin), float(min_crop)
+        self.crop_spec = SliceCropSpec(
+            float(visible_threshold), float(crop_margin), float(min_crop), visibility_norm
+        )
+        self.visible_threshold = self.crop_spec.visible_threshold
         self.box_radius, self.far_from_box_weight = int(box_radius), float(far_from_box_weight)
         self.unboxed_positive_weight = float(unboxed_positive_weight)
-        self.visibility_norm = visibility_norm
         self.pos_fraction, self.epoch_size = pos_fraction, epoch_size
         self._stage1: dict | None = None
 
@@ -231,7 +231,7 @@ class FractureDataModule(RsnaDataModule):
         """Stage-1 predictions when present, else the segmentation; None when neither exists."""
         if uid in self.stage1:
             vis, boxes = self.stage1[uid]
-            return normalize_visibility(vis, self.visibility_norm), boxes
+            return self.crop_spec.visibility(vis), boxes
         s = self.study(uid)
         presence = s.vertebra_presence(self.presence_threshold, self.presence_unit)
         return None if presence is None else (presence, s.spine_box)
@@ -279,10 +279,10 @@ class FractureDataModule(RsnaDataModule):
         for i, uid in enumerate(uids):
             s = self.study(uid)
             vis, boxes = self.visibility_and_boxes(uid)
-            z = np.flatnonzero(vis.max(axis=1) >= self.visible_threshold)
+            z = self.crop_spec.scored_slices(vis)
             studies.append(s)
             items.append(np.stack([np.full(len(z), i), z], 1))
-            crops.append(crop_track(boxes, margin=self.crop_margin, min_size=self.min_crop))
+            crops.append(self.crop_spec.crops(boxes))
             sf = study_features(s.meta)
             metas.append(
                 np.stack(

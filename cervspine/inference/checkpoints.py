@@ -10,7 +10,7 @@ import lightning as L
 import torch
 
 from cervspine.inference.runtime import Runtime
-from cervspine.models.backbones import without_pretrained_weights
+from cervspine.models.backbones import backbone_name, without_pretrained_weights
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -57,3 +57,20 @@ def image_size(data_hp: dict[str, Any]) -> int | None:
     """The cache image size a stage was trained on (studies must be cached at this size)."""
     size = data_hp.get("image_size")
     return None if size is None else int(size)
+
+
+class TrainedStage:
+    """What every trained stage at inference holds: the module, its data hyper-parameters, the runtime
+    and the checkpoint it came from; the cache size and backbone it was trained with."""
+
+    def __init__(self, model: L.LightningModule, data_hp: dict[str, Any], runtime: Runtime, checkpoint: Path):
+        self.model, self.data_hp, self.runtime = model, data_hp, runtime
+        self.checkpoint = Path(checkpoint)
+
+    @property
+    def image_size(self) -> int | None:
+        return image_size(self.data_hp)
+
+    @property
+    def backbone(self) -> str:
+        return backbone_name(self.model.hparams.get("backbone"))

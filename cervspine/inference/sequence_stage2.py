@@ -13,11 +13,10 @@ import torch
 from cervspine import VERTEBRAE
 from cervspine.cache import CachedStudy
 from cervspine.data.vertebra_crops import VertebraCropper, VertebraExtent, study_sequences
-from cervspine.inference.checkpoints import image_size, load_module
+from cervspine.inference.checkpoints import TrainedStage, load_module
 from cervspine.inference.runtime import Runtime
 from cervspine.inference.stage1 import Stage1Output
 from cervspine.inference.stage2 import Stage2Result, register_stage2
-from cervspine.models.backbones import backbone_name
 from cervspine.models.sequence import VertebraSequenceClassifier
 
 
@@ -33,7 +32,7 @@ class SequenceInputs:
 
 
 @register_stage2("VertebraSequenceClassifier")
-class SequenceStage2:
+class SequenceStage2(TrainedStage):
     """:class:`~cervspine.models.sequence.VertebraSequenceClassifier` on stage-1-placed crop sequences."""
 
     kind = "sequence"
@@ -42,8 +41,7 @@ class SequenceStage2:
     def __init__(
         self, model: VertebraSequenceClassifier, data_hp: dict[str, Any], runtime: Runtime, checkpoint: Path
     ):
-        self.model, self.data_hp, self.runtime = model, data_hp, runtime
-        self.checkpoint = Path(checkpoint)
+        super().__init__(model, data_hp, runtime, checkpoint)
         self.cropper = VertebraCropper.from_hparams(data_hp)
 
     @classmethod
@@ -53,14 +51,6 @@ class SequenceStage2:
         """``aggregation`` and other slice-model options do not apply and are ignored."""
         model, data_hp = load_module(path, VertebraSequenceClassifier, runtime, ckpt)
         return cls(model, data_hp, runtime, Path(path))
-
-    @property
-    def image_size(self) -> int | None:
-        return image_size(self.data_hp)
-
-    @property
-    def backbone(self) -> str:
-        return backbone_name(self.model.hparams.get("backbone"))
 
     def inputs(self, study: CachedStudy, stage1: Stage1Output) -> SequenceInputs:
         vis, boxes = stage1.visibility, stage1.boxes

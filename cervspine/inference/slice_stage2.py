@@ -18,12 +18,11 @@ from cervspine.data.metadata import slice_features, study_features
 from cervspine.data.slice_crops import SliceCropSpec
 from cervspine.data.spine import crop_pixels
 from cervspine.data.transforms import StackSpec, apply_windows, resize_hwc
-from cervspine.inference.checkpoints import image_size, load_module
+from cervspine.inference.checkpoints import TrainedStage, load_module
 from cervspine.inference.runtime import Runtime
 from cervspine.inference.saliency import gradcam
 from cervspine.inference.stage1 import Stage1Output
 from cervspine.inference.stage2 import Explanation, Stage2Result, register_stage2
-from cervspine.models.backbones import backbone_name
 from cervspine.models.fracture import FractureClassifier
 from cervspine.scoring.aggregation import aggregate_slices
 
@@ -44,7 +43,7 @@ class SliceInputs:
 
 
 @register_stage2("FractureClassifier")
-class SliceStage2:
+class SliceStage2(TrainedStage):
     """:class:`~cervspine.models.fracture.FractureClassifier` per slice → aggregation → calibration."""
 
     kind = "slice"
@@ -57,8 +56,7 @@ class SliceStage2:
         checkpoint: Path,
         aggregation: dict[str, Any] | None = None,
     ):
-        self.model, self.data_hp, self.runtime = model, data_hp, runtime
-        self.checkpoint = Path(checkpoint)
+        super().__init__(model, data_hp, runtime, checkpoint)
         self.stack = StackSpec.from_hparams(data_hp)
         self.spec = SliceCropSpec.from_hparams(data_hp)
         trained = dict(model.aggregation or {})
@@ -77,14 +75,6 @@ class SliceStage2:
     ) -> SliceStage2:
         model, data_hp = load_module(path, FractureClassifier, runtime, ckpt)
         return cls(model, data_hp, runtime, Path(path), aggregation)
-
-    @property
-    def image_size(self) -> int | None:
-        return image_size(self.data_hp)
-
-    @property
-    def backbone(self) -> str:
-        return backbone_name(self.model.hparams.get("backbone"))
 
     @property
     def calibrated(self) -> bool:

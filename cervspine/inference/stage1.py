@@ -12,7 +12,7 @@ import torch
 from cervspine.cache import CachedStudy
 from cervspine.data.stage1_table import BOX_COLS, COLUMNS, VIS_COLS
 from cervspine.data.transforms import StackSpec, apply_windows, resize_hwc
-from cervspine.inference.checkpoints import image_size, load_module
+from cervspine.inference.checkpoints import TrainedStage, load_module
 from cervspine.inference.runtime import Runtime
 from cervspine.models.vertebrae import VertebraeDetector
 
@@ -46,22 +46,17 @@ def stack_channels(win: torch.Tensor, z: np.ndarray, offsets: np.ndarray) -> tor
     return x.transpose(1, 2).reshape(len(z), -1, *win.shape[2:])
 
 
-class Stage1:
+class Stage1(TrainedStage):
     """The trained vertebrae detector with the input settings of its checkpoint."""
 
     def __init__(self, model: VertebraeDetector, data_hp: dict, runtime: Runtime, checkpoint: Path):
-        self.model, self.data_hp, self.runtime = model, data_hp, runtime
-        self.checkpoint = Path(checkpoint)
+        super().__init__(model, data_hp, runtime, checkpoint)
         self.stack = StackSpec.from_hparams(data_hp)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, runtime: Runtime) -> Stage1:
         model, data_hp = load_module(path, VertebraeDetector, runtime)
         return cls(model, data_hp, runtime, Path(path))
-
-    @property
-    def image_size(self) -> int | None:
-        return image_size(self.data_hp)
 
     def run(self, study: CachedStudy) -> Stage1Output:
         with self.runtime.threads():

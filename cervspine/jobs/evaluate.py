@@ -1,6 +1,7 @@
 """Scoring a labelled folder (a validation fold, or every labelled study) with the full inference path:
-``metrics.json`` (competition score with CI, the prior baseline, per-target metrics), ``predictions.csv``
-and, with ``report=true``, ``report/`` (figures and a self-contained ``report.html``)."""
+``metrics.json`` (competition score with CI, the prior baseline, per-target metrics), ``predictions.csv``,
+``operating_point.json`` (:mod:`cervspine.jobs.operating_point`) and, with ``report=true``, ``report/``
+(figures and a self-contained ``report.html``, drawn at that operating point)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from cervspine.inference import Predictor
 from cervspine.io.atomic import write_csv_atomic, write_json_atomic
 from cervspine.io.rsna import RsnaIndex, is_synthetic
 from cervspine.jobs.cache import cache_for
+from cervspine.jobs.operating_point import choose_for_evaluation
 from cervspine.scoring.metrics import bootstrap_ci, classification_report, prior_baseline, rsna_score
 from cervspine.scoring.table import StudyPredictions
 
@@ -104,6 +106,8 @@ def evaluate(cfg: DictConfig, predictor: Predictor | None = None) -> dict[str, A
             " cross-fitted validation score is val/rsna_score in the training logs."
         )
     out_dir.mkdir(parents=True, exist_ok=True)
+    op = choose_for_evaluation(cfg, y, p, out_dir, synthetic)  # operating_point.json, before metrics.json
+    metrics["operating_point"] = op.as_dict()
     write_json_atomic(out_dir / "metrics.json", metrics)
     write_csv_atomic(StudyPredictions(uids, p, y).to_frame(), out_dir / "predictions.csv")
     if cfg.get("report"):
@@ -115,7 +119,7 @@ def evaluate(cfg: DictConfig, predictor: Predictor | None = None) -> dict[str, A
             y,
             p,
             synthetic=synthetic,
-            threshold=cfg.get("report_threshold"),
+            threshold=op.thresholds() if cfg.get("report_threshold") is None else cfg.report_threshold,
             n_boot=cfg.get("n_bootstrap", 1000),
             metrics=metrics,
             subtitle=f"{cfg.data.root} — fold {fold} — {len(uids)} studies — stage 2: {stage2}",

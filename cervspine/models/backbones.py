@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 import torch.nn as nn
 
 BackboneSpec = Callable[..., nn.Module] | dict[str, Any]
@@ -67,3 +68,10 @@ def backbone_name(spec: BackboneSpec | None) -> str:
     if isinstance(spec, functools.partial):
         return str(spec.keywords.get("name", getattr(spec.func, "__name__", "?")))
     return getattr(spec, "__name__", "?") if spec is not None else "?"
+
+
+def fast_backbone(backbone: nn.Module, *, channels_last: bool, compile: bool) -> nn.Module:
+    """``backbone`` with NHWC weights (oneDNN/cuDNN then run NHWC kernels end to end) and/or compiled."""
+    if channels_last:
+        backbone.to(memory_format=torch.channels_last)
+    return torch.compile(backbone) if compile else backbone

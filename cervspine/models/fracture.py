@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torchmetrics import CatMetric
 
 from cervspine import VERTEBRAE
-from cervspine.models.backbones import BackboneSpec, build_backbone
+from cervspine.models.backbones import BackboneSpec, build_backbone, fast_backbone
 from cervspine.models.losses import competition_loss
 from cervspine.models.optim import OptimizedModule, SchedulerFactory
 from cervspine.models.study_validation import StudyValidation
@@ -85,10 +85,7 @@ class FractureClassifier(StudyValidation, OptimizedModule):
         self.register_buffer("study_calibration", torch.tensor(IDENTITY, dtype=torch.float32))
         self.optimizer_factory, self.scheduler_cfg = optimizer, scheduler
         self.channels_last = channels_last
-        if channels_last:  # NHWC weights too: oneDNN/cuDNN then run NHWC kernels end to end
-            self.backbone.to(memory_format=torch.channels_last)
-        if compile:
-            self.backbone = torch.compile(self.backbone)
+        self.backbone = fast_backbone(self.backbone, channels_last=channels_last, compile=compile)
         self.val_probs, self.val_vis = CatMetric(), CatMetric()
         self.val_study, self.val_slice = CatMetric(), CatMetric()
 

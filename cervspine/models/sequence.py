@@ -21,7 +21,7 @@ import torch.nn as nn
 from torchmetrics import CatMetric
 
 from cervspine import VERTEBRAE
-from cervspine.models.backbones import BackboneSpec, build_backbone
+from cervspine.models.backbones import BackboneSpec, build_backbone, fast_backbone
 from cervspine.models.losses import weighted_bce
 from cervspine.models.optim import OptimizedModule, SchedulerFactory
 from cervspine.models.study_validation import StudyValidation
@@ -109,10 +109,7 @@ class VertebraSequenceClassifier(StudyValidation, OptimizedModule):
         self.optimizer_factory, self.scheduler_cfg = optimizer, scheduler
         self.encoder_init = encoder_init
         self.channels_last = channels_last
-        if channels_last:  # NHWC weights too: oneDNN/cuDNN then run NHWC kernels end to end
-            self.encoder.to(memory_format=torch.channels_last)
-        if compile:
-            self.encoder = torch.compile(self.encoder)
+        self.encoder = fast_backbone(self.encoder, channels_last=channels_last, compile=compile)
         self.val_probs, self.val_present, self.val_vert = CatMetric(), CatMetric(), CatMetric()
         self.val_study, self.val_overall = CatMetric(), CatMetric()
 

@@ -12,7 +12,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MultilabelAccuracy, MultilabelAUROC, MultilabelF1Score
 
 from cervspine import VERTEBRAE
-from cervspine.models.backbones import BackboneSpec, build_backbone
+from cervspine.models.backbones import BackboneSpec, build_backbone, fast_backbone
 from cervspine.models.optim import OptimizedModule, SchedulerFactory
 
 
@@ -43,10 +43,7 @@ class VertebraeDetector(OptimizedModule):
         self.box_loss_weight = box_loss_weight
         self.optimizer_factory, self.scheduler_cfg = optimizer, scheduler
         self.channels_last = channels_last
-        if channels_last:  # NHWC weights too: oneDNN/cuDNN then run NHWC kernels end to end
-            self.backbone.to(memory_format=torch.channels_last)
-        if compile:
-            self.backbone = torch.compile(self.backbone)
+        self.backbone = fast_backbone(self.backbone, channels_last=channels_last, compile=compile)
         n = len(VERTEBRAE)
         self.val_metrics = MetricCollection(
             {
