@@ -19,7 +19,7 @@ import numpy as np
 
 from cervspine import VERTEBRAE
 from cervspine.cache import CachedStudy
-from cervspine.inference import Runtime, Stage1
+from cervspine.inference import Runtime, Stage1, load_stage1
 from cervspine.runs.layout import STAGE_DIRS, best_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--presence", type=float, default=0.1)
     args = ap.parse_args()
 
-    stage1 = Stage1.from_checkpoint(best_checkpoint(args.run / STAGE_DIRS["stage1"]), Runtime.create("cpu"))
+    stage1 = load_stage1(best_checkpoint(args.run / STAGE_DIRS["stage1"]), Runtime.create("cpu"))
     cache_dir = args.holdout / ".cervspine_cache" / f"s{args.image_size}"
     if not cache_dir.is_dir():
         raise FileNotFoundError(f"{cache_dir}: no cache (run make demo-quality, which preprocesses it)")

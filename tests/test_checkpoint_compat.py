@@ -25,9 +25,11 @@ def study():
 
 
 def test_premove_stage1_gives_the_same_visibility(expected, study):
-    from cervspine.inference import Runtime, Stage1
+    from cervspine.inference import Runtime, load_stage1
 
-    out = Stage1.from_checkpoint(DATA / "stage1.ckpt", Runtime.create("cpu")).run(study)
+    stage1 = load_stage1(DATA / "stage1.ckpt", Runtime.create("cpu"))
+    assert stage1.kind == "slice"  # no model_class recorded then: the per-slice detector
+    out = stage1.run(study)
     np.testing.assert_allclose(out.visibility, np.array(expected["stage1_vis"]), rtol=0, atol=1e-6)
     boxes = np.nan_to_num(out.boxes, nan=-1)
     np.testing.assert_allclose(boxes, np.array(expected["stage1_boxes"]), rtol=0, atol=1e-6)

@@ -133,16 +133,17 @@ class RsnaDataModule(L.LightningDataModule):
         """``train_uids``/``val_uids``: this fold's split of the usable training studies (both non-empty)."""
         self.assign_split(self.usable(sorted(self.index.train_uids)), "stage-1 predictions or a segmentation")
 
-    def _loader(self, dataset, *, train: bool, sampler=None) -> DataLoader:
+    def _loader(self, dataset, *, train: bool, sampler=None, collate_fn=None, batch_size=None) -> DataLoader:
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=batch_size or self.batch_size,
+            collate_fn=collate_fn,
             shuffle=train and sampler is None,
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
-            drop_last=train and len(dataset) > self.batch_size,
+            drop_last=train and len(dataset) > (batch_size or self.batch_size),
         )
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 from cervspine import TARGETS
 from cervspine.cache import CachedStudy
 from cervspine.inference.runtime import Runtime
-from cervspine.inference.stage1 import Stage1, Stage1Output
+from cervspine.inference.stage1 import Stage1, Stage1Output, load_stage1
 from cervspine.inference.stage2 import Stage2, load_stage2
 from cervspine.runs.layout import stage_checkpoints
 from cervspine.scoring.aggregation import logit_mean
@@ -33,13 +33,19 @@ class StudyPrediction:
     timings: dict[str, float]
     stage2: dict[str, Any] = field(default_factory=dict)  # model-specific details for the study record
     stage1: Stage1Output | None = field(default=None, repr=False)
+    not_localised: list[str] = field(default_factory=list)  # levels answered by the training prior
 
     def as_dict(self) -> dict[str, Any]:
         out = {
             "StudyInstanceUID": self.uid,
             **{t: float(p) for t, p in zip(TARGETS, self.probabilities)},
             "timings_s": self.timings,
+            "not_localised": list(self.not_localised),
         }
+        if self.not_localised:
+            out["fallback"] = (
+                f"level not localised: {', '.join(self.not_localised)} answered by the training prior"
+            )
         if self.stage2:
             out["stage2"] = self.stage2
         return out
@@ -73,7 +79,7 @@ class Predictor:
         rt = Runtime.create(**runtime)
         paths = [stage2] if isinstance(stage2, (str, Path)) else list(stage2)
         members = [load_stage2(p, rt, aggregation=aggregation) for p in paths]
-        return cls(Stage1.from_checkpoint(stage1, rt), members, rt)
+        return cls(load_stage1(stage1, rt), members, rt)
 
     @property
     def image_size(self) -> int | None:
@@ -107,8 +113,17 @@ class Predictor:
             ]
             details = {"model": ENSEMBLE_RULE, "members": members}
         table = s1.frame(study)
+        missing = sorted({v for r in results for v in r.not_localised}, key=str)
         return StudyPrediction(
-            study.uid, probs, table, first.fracture_slices, first.fracture_probs, timings, details, s1
+            study.uid,
+            probs,
+            table,
+            first.fracture_slices,
+            first.fracture_probs,
+            timings,
+            details,
+            s1,
+            missing,
         )
 
 

@@ -56,13 +56,17 @@ class SequenceStage2(TrainedStage):
         vis, boxes = stage1.visibility, stage1.boxes
         extents = self.cropper.extents_from_stage1(vis, boxes)
         images, slices, present = study_sequences(self.cropper, study.volume, extents, vis, boxes)
-        if not present.any():
-            raise RuntimeError(f"{study.uid}: stage 1 found no cervical vertebra on any slice")
         return SequenceInputs(study.uid, extents, images, slices, present)
 
     def score(self, inputs: SequenceInputs) -> Stage2Result:
         """``fracture_slices``: the sampled slices (sorted, unique); ``fracture_probs[i, v]``: vertebra v's
-        probability where slice i was sampled for v, else 0."""
+        probability where slice i was sampled for v, else 0. Absent vertebrae get the training prior (the
+        model's own rule), every target does when stage 1 found none."""
+        missing = [v for v, ok in zip(VERTEBRAE, inputs.present) if not ok]
+        if not inputs.present.any():
+            empty = np.zeros((0, len(VERTEBRAE)), dtype=np.float32)
+            prior = self.model.training_prior().astype(np.float32)
+            return Stage2Result(prior, np.zeros(0, dtype=np.int64), empty, not_localised=missing)
         x = torch.from_numpy(inputs.images).to(self.runtime.device)
         with self.runtime.autocast():
             probs = self.model.predict_study(x, torch.from_numpy(inputs.present).to(self.runtime.device))
@@ -78,7 +82,7 @@ class SequenceStage2(TrainedStage):
         per_slice = np.zeros((len(z), len(VERTEBRAE)), dtype=np.float32)
         for v in range(len(VERTEBRAE)):
             per_slice[np.isin(z, slices[v]), v] = probs[v]
-        return Stage2Result(probs, z, per_slice, details)
+        return Stage2Result(probs, z, per_slice, details, not_localised=missing)
 
     def explain(
         self, study: CachedStudy, stage1: Stage1Output, slices: np.ndarray, levels: list[int]

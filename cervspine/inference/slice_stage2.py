@@ -24,7 +24,7 @@ from cervspine.inference.saliency import gradcam
 from cervspine.inference.stage1 import Stage1Output
 from cervspine.inference.stage2 import Explanation, Stage2Result, register_stage2
 from cervspine.models.fracture import FractureClassifier
-from cervspine.scoring.aggregation import aggregate_slices
+from cervspine.scoring.aggregation import aggregate_slices, fill_unlocalised
 
 Windowed = Callable[[np.ndarray], np.ndarray]
 """slice indices → (K, nW, H, W) windowed slices."""
@@ -124,14 +124,23 @@ class SliceStage2(TrainedStage):
         return np.concatenate(probs)
 
     def score(self, inputs: SliceInputs) -> Stage2Result:
+        """Aggregated, calibrated study probabilities; a level no scored slice shows gets the training
+        prior (:func:`~cervspine.scoring.aggregation.fill_unlocalised`), all of them when none does."""
         z = inputs.slices
-        if not len(z):  # no cervical level found: the study cannot be scored
-            raise RuntimeError(f"{inputs.study.uid}: stage 1 found no cervical vertebra on any slice")
+        prior = self.model.training_prior()
+        localised = np.zeros(len(VERTEBRAE), dtype=bool)
+        if len(z):
+            localised = inputs.visibility[z].max(axis=0) >= self.spec.visible_threshold
+        missing = [v for v, ok in zip(VERTEBRAE, localised) if not ok]
+        if not localised.any():  # stage 1 found nothing: the prior, flagged
+            empty = np.zeros((0, len(VERTEBRAE)), dtype=np.float32)
+            return Stage2Result(prior.astype(np.float32), z[:0], empty, not_localised=missing)
         probs = self.slice_probabilities(inputs)
         t0 = time.perf_counter()
         agg, _ = aggregate_slices(probs, inputs.visibility[z], np.zeros(len(z)), z, **self.aggregation)
         final = self.model.calibrate(agg)[0] if self._calibrated else agg[0]
-        return Stage2Result(final, z, probs, aggregate_s=time.perf_counter() - t0)
+        final = fill_unlocalised(final, localised, prior)
+        return Stage2Result(final, z, probs, aggregate_s=time.perf_counter() - t0, not_localised=missing)
 
     # ---- reports -------------------------------------------------------------------------------------
     def explain(

@@ -1,20 +1,24 @@
-"""Stage 1 at inference: which of C1–C7 each slice of a study shows, and the spine's in-plane box."""
+"""Stage 1 at inference: which of C1–C7 each slice of a study shows, and the spine's in-plane box.
+
+A :class:`Stage1` strategy turns a cached study into :class:`Stage1Output` (the stage-1 table's rows);
+:func:`load_stage1` picks the strategy a checkpoint needs by the model class it records: the per-slice
+detector (:mod:`.slice_stage1`) or the whole-column model (:mod:`.column_stage1`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
-import torch
 
 from cervspine.cache import CachedStudy
 from cervspine.data.stage1_table import BOX_COLS, COLUMNS, VIS_COLS
-from cervspine.data.transforms import StackSpec, apply_windows, resize_hwc
-from cervspine.inference.checkpoints import TrainedStage, load_module
+from cervspine.inference.checkpoints import model_class_name, read_checkpoint
 from cervspine.inference.runtime import Runtime
-from cervspine.models.vertebrae import VertebraeDetector
 
 
 @dataclass(frozen=True)
@@ -38,45 +42,45 @@ class Stage1Output:
     def from_frame(cls, table: pd.DataFrame) -> Stage1Output:
         return cls(table[VIS_COLS].to_numpy(np.float32), table[BOX_COLS].to_numpy(np.float32))
 
+    def masked(self) -> Stage1Output:
+        """Boxes set to NaN on slices where no level reaches 0.5 (the table's convention)."""
+        boxes = np.array(self.boxes, dtype=np.float32, copy=True)
+        boxes[self.visibility.max(axis=1) < 0.5] = np.nan
+        return Stage1Output(self.visibility, boxes)
 
-def stack_channels(win: torch.Tensor, z: np.ndarray, offsets: np.ndarray) -> torch.Tensor:
-    """(Z, nW, S, S) windowed volume → (B, nW·K, S, S) 2.5D stacks of slices ``z``, window-major."""
-    idx = np.clip(z[:, None] + offsets[None, :], 0, win.shape[0] - 1)
-    x = win[torch.as_tensor(idx)]  # (B, K, nW, S, S)
-    return x.transpose(1, 2).reshape(len(z), -1, *win.shape[2:])
+
+class Stage1(Protocol):
+    """What the :class:`~cervspine.inference.predictor.Predictor` and the pipeline need of stage 1."""
+
+    kind: str  # "slice" | "column"
+    checkpoint: Path
+    data_hp: dict[str, Any]
+
+    @property
+    def image_size(self) -> int | None: ...
+
+    def run(self, study: CachedStudy) -> Stage1Output: ...
 
 
-class Stage1(TrainedStage):
-    """The trained vertebrae detector with the input settings of its checkpoint."""
+STAGE1: dict[str, Callable[..., Stage1]] = {}
+"""LightningModule class name (the checkpoint's ``model_class``) → strategy ``from_checkpoint``."""
+DEFAULT_MODEL_CLASS = "VertebraeDetector"  # checkpoints from before model_class was recorded
 
-    def __init__(self, model: VertebraeDetector, data_hp: dict, runtime: Runtime, checkpoint: Path):
-        super().__init__(model, data_hp, runtime, checkpoint)
-        self.stack = StackSpec.from_hparams(data_hp)
 
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, runtime: Runtime) -> Stage1:
-        model, data_hp = load_module(path, VertebraeDetector, runtime)
-        return cls(model, data_hp, runtime, Path(path))
+def register_stage1(model_class: str) -> Callable[[type], type]:
+    """Class decorator: the strategy for stage-1 checkpoints of ``model_class``."""
 
-    def run(self, study: CachedStudy) -> Stage1Output:
-        with self.runtime.threads():
-            return self._run(study)
+    def wrap(cls: type) -> type:
+        STAGE1[model_class] = cls.from_checkpoint
+        return cls
 
-    @torch.inference_mode()
-    def _run(self, study: CachedStudy) -> Stage1Output:
-        size, offsets = self.stack.input_size, self.stack.offsets
-        win = apply_windows(study.volume, self.stack.hu_windows, axis=1)  # (Z, nW, H, W), once per study
-        if win.shape[2:] != (size, size):
-            win = np.stack([resize_hwc(w.transpose(1, 2, 0), size).transpose(2, 0, 1) for w in win])
-        win_t = torch.from_numpy(win)
-        vis, boxes = [], []
-        for start in range(0, study.num_slices, self.runtime.batch_size):
-            z = np.arange(start, min(start + self.runtime.batch_size, study.num_slices))
-            x = stack_channels(win_t, z, offsets).to(self.runtime.device)
-            with self.runtime.autocast():
-                logits, box = self.model(x)
-            vis.append(torch.sigmoid(logits.float()).cpu().numpy())
-            boxes.append(box.float().cpu().numpy())
-        vis_a, box_a = np.concatenate(vis), np.concatenate(boxes)
-        box_a[vis_a.max(axis=1) < 0.5] = np.nan
-        return Stage1Output(vis_a, box_a)
+    return wrap
+
+
+def load_stage1(path: str | Path, runtime: Runtime) -> Stage1:
+    """The strategy for the stage-1 checkpoint at ``path`` (chosen by the class it records)."""
+    ckpt = read_checkpoint(path)
+    name = model_class_name(ckpt, DEFAULT_MODEL_CLASS)
+    if name not in STAGE1:
+        raise ValueError(f"{path}: unknown stage-1 model class {name!r} (known: {sorted(STAGE1)})")
+    return STAGE1[name](path, runtime, ckpt=ckpt)

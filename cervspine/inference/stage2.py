@@ -27,7 +27,8 @@ class Stage2Result:
 
     ``fracture_slices``/``fracture_probs`` (n, 7): the slices the model looked at and their per-level
     fracture probabilities (what the reports draw key slices from). ``details``: model-specific facts
-    for the study record (JSON-able).
+    for the study record (JSON-able). ``not_localised``: the levels stage 1 did not find, whose
+    probability is the training prior (never an error: the study is still answered).
     """
 
     probabilities: np.ndarray  # (8,) C1..C7, patient_overall
@@ -35,6 +36,7 @@ class Stage2Result:
     fracture_probs: np.ndarray
     details: dict[str, Any] = field(default_factory=dict)
     aggregate_s: float = 0.0  # seconds of slice → study aggregation (timed apart from the model)
+    not_localised: list[str] = field(default_factory=list)  # levels answered by the training prior
 
 
 @dataclass

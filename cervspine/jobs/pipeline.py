@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cervspine.cache import CachedStudy, CacheParams, preprocess
 from cervspine.data.stage1_table import vertebra_extents
-from cervspine.inference import Runtime, Stage1
+from cervspine.inference import Runtime, Stage1, load_stage1
 from cervspine.io.atomic import write_csv_atomic
 from cervspine.io.rsna import RsnaIndex
 from cervspine.jobs.steps import Steps, file_key, input_key
@@ -124,7 +124,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         "stage1_inference",
         inf_key,
         [table],
-        lambda: stage1_inference(Stage1.from_checkpoint(s1_ckpt, runtime), cache_dir, uids, table),
+        lambda: stage1_inference(load_stage1(s1_ckpt, runtime), cache_dir, uids, table),
     )
 
     s2_ckpts = []  # stage 2, then each stage2_ensemble member (stage2_<name>/): evaluated as one ensemble

@@ -17,7 +17,15 @@ from cervspine.models.losses import competition_loss
 from cervspine.models.optim import OptimizedModule, SchedulerFactory
 from cervspine.models.study_validation import StudyValidation
 from cervspine.scoring.aggregation import DEFAULT_EPS, aggregate_slices
-from cervspine.scoring.calibration import IDENTITY, StudyCalibration, cross_fitted
+from cervspine.scoring.calibration import (
+    IDENTITY,
+    NO_SHRINK,
+    StudyCalibration,
+    cross_fitted,
+    shrink,
+    shrink_weights,
+)
+from cervspine.scoring.competition import RSNA_PREVALENCE
 from cervspine.scoring.metrics import classification_report
 from cervspine.scoring.table import StudyPredictions
 
@@ -46,7 +54,8 @@ class MetadataFusion(nn.Module):
 class FractureClassifier(StudyValidation, OptimizedModule):
     """7 per-slice vertebra fracture logits (+ an 'any fracture' logit, + an optional visibility head)."""
 
-    pinned_buffers = ("study_calibration",)  # fitted, not learned: weight averaging copies it as is
+    # fitted or set, not learned: weight averaging copies them as they are
+    pinned_buffers = ("study_calibration", "calibration_shrink", "prior")
 
     def __init__(
         self,
@@ -83,6 +92,9 @@ class FractureClassifier(StudyValidation, OptimizedModule):
         # study-level Platt scaling fitted on each validation epoch; saved with the weights
         self.calibration = bool(calibration)
         self.register_buffer("study_calibration", torch.tensor(IDENTITY, dtype=torch.float32))
+        # how far calibrated probabilities are pulled toward the training prior (small/uninformative folds)
+        self.register_buffer("calibration_shrink", torch.tensor(NO_SHRINK, dtype=torch.float32))
+        self.register_buffer("prior", torch.tensor(RSNA_PREVALENCE, dtype=torch.float32))
         self.optimizer_factory, self.scheduler_cfg = optimizer, scheduler
         self.channels_last = channels_last
         self.backbone = fast_backbone(self.backbone, channels_last=channels_last, compile=compile)
@@ -142,20 +154,36 @@ class FractureClassifier(StudyValidation, OptimizedModule):
         if not self.calibration:
             self.log_study_validation(StudyPredictions(uids, raw, y))
             return
-        # the logged score: each study calibrated by a fit on the fold's other studies; the saved
-        # calibration: fitted on the whole fold, for inference on other studies
-        preds = np.clip(cross_fitted(y, raw), DEFAULT_EPS, 1 - DEFAULT_EPS)
+        # the logged score: each study calibrated by a fit on the fold's other studies (and pulled toward
+        # the prior as far as the fold warrants); the saved calibration: fitted on the whole fold, for
+        # inference on other studies
+        prior = self.training_prior()
+        weights = shrink_weights(y, raw)
+        preds = np.clip(shrink(cross_fitted(y, raw), prior, weights), DEFAULT_EPS, 1 - DEFAULT_EPS)
         fitted = StudyCalibration.fit(y, raw).params
         self.study_calibration.copy_(torch.tensor(fitted, dtype=torch.float32))
+        self.calibration_shrink.copy_(torch.tensor(weights, dtype=torch.float32))
         uncalibrated = classification_report(y, raw)["rsna_score"]
         self.log_study_validation(
             StudyPredictions(uids, preds, y), {"val/rsna_score_uncalibrated": uncalibrated}
         )
 
+    def on_fit_start(self) -> None:
+        self.set_training_prior()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints from before the prior fallback lack its buffers: the defaults (no shrink, RSNA
+        prevalences) keep their answers as they were."""
+        state = checkpoint.get("state_dict", {})
+        for name in ("calibration_shrink", "prior"):
+            state.setdefault(name, getattr(self, name).detach().clone())
+
     def calibrate(self, study_probs: np.ndarray) -> np.ndarray:
-        """(n, 8) aggregated study probabilities → calibrated ones (identity before any validation)."""
+        """(n, 8) aggregated study probabilities → calibrated ones (identity before any validation), pulled
+        toward the training prior by the fold's shrink weights."""
         cal = StudyCalibration(tuple(float(v) for v in self.study_calibration.tolist()))
-        return np.clip(cal(study_probs), DEFAULT_EPS, 1 - DEFAULT_EPS)
+        weights = tuple(float(v) for v in self.calibration_shrink.tolist())
+        return np.clip(shrink(cal(study_probs), self.training_prior(), weights), DEFAULT_EPS, 1 - DEFAULT_EPS)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         out = self(batch["image"], batch.get("meta"))

@@ -77,6 +77,9 @@ class OptimizedModule(L.LightningModule):
             sched = sched[0]
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["model_class"] = type(self).__name__  # lets inference pick the stage's strategy
+
     def lr_scheduler_step(self, scheduler, metric) -> None:
         if hasattr(scheduler, "step_update"):  # timm schedulers: the lr of this update number
             scheduler.step_update(num_updates=self.global_step)

@@ -27,7 +27,6 @@ from cervspine.models.optim import OptimizedModule, SchedulerFactory
 from cervspine.models.study_validation import StudyValidation
 from cervspine.scoring.aggregation import vertebra_rows
 from cervspine.scoring.competition import OVERALL_WEIGHTS, PROBABILITY_EPS, RSNA_PREVALENCE, VERTEBRA_WEIGHTS
-from cervspine.scoring.metrics import prior_baseline
 from cervspine.scoring.table import StudyPredictions
 
 N_VERT = len(VERTEBRAE)
@@ -174,10 +173,8 @@ class VertebraSequenceClassifier(StudyValidation, OptimizedModule):
             load_encoder(self.encoder, self.encoder_init)
 
     def on_fit_start(self) -> None:
+        self.set_training_prior()
         dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "labels") and getattr(dm, "train_uids", None):
-            prior = prior_baseline(dm.labels(dm.train_uids))
-            self.prior.copy_(torch.as_tensor(prior, dtype=torch.float32))
         if dm is not None and hasattr(dm, "sampling_logit_shift"):
             self.logit_shift.copy_(torch.as_tensor(dm.sampling_logit_shift(), dtype=torch.float32))
 
@@ -235,9 +232,6 @@ class VertebraSequenceClassifier(StudyValidation, OptimizedModule):
             None if overall is None else np.repeat(overall, N_VERT),
         )
         return preds[0]
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["model_class"] = type(self).__name__  # lets inference pick the stage-2 class
 
 
 def load_encoder(encoder: nn.Module, path: str) -> None:

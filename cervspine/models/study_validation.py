@@ -5,9 +5,10 @@ out-of-fold writer and the W&B images callback) and their metrics, logged under 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from cervspine import TARGETS
-from cervspine.scoring.metrics import classification_report
+from cervspine.scoring.metrics import classification_report, prior_baseline
 from cervspine.scoring.table import StudyPredictions
 
 PER_TARGET = ("auroc", "f1", "accuracy")
@@ -15,9 +16,21 @@ MACRO = ("auroc", "f1", "accuracy", "precision", "recall")
 
 
 class StudyValidation:
-    """Mixin of the stage-2 LightningModules (the contract the OOF writer relies on)."""
+    """Mixin of the stage-2 LightningModules (the contract the OOF writer relies on). A module using it
+    registers a ``prior`` buffer (8,): the training studies' prevalences once fitting starts (the RSNA
+    train set's before), what a level stage 1 cannot find falls back to."""
 
     last_val_predictions: StudyPredictions | None = None
+
+    def set_training_prior(self) -> None:
+        """``prior`` ← the prevalences of the DataModule's training studies (at fit start)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "labels") and getattr(dm, "train_uids", None):
+            prior = prior_baseline(dm.labels(dm.train_uids))
+            self.prior.copy_(torch.as_tensor(prior, dtype=torch.float32))
+
+    def training_prior(self) -> np.ndarray:
+        return self.prior.detach().cpu().numpy().astype(np.float64)
 
     def log_study_validation(self, preds: StudyPredictions, extra: dict[str, float] | None = None) -> None:
         """Keep ``preds`` and log ``val/rsna_score``, ``val/<metric>_<target>``, ``val/<metric>_macro``

@@ -276,3 +276,18 @@ def logit_mean(study_probs: np.ndarray, eps: float = DEFAULT_EPS) -> np.ndarray:
     p = np.clip(np.asarray(study_probs, dtype=np.float64), eps, 1 - eps)
     logits = np.log(p) - np.log1p(-p)
     return (1.0 / (1.0 + np.exp(-logits.mean(axis=0)))).astype(np.float32)
+
+
+def fill_unlocalised(study_probs: np.ndarray, localised: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """A study's (8,) probabilities where stage 1 found only the levels ``localised`` (7,) bool: each level
+    not found gets its ``prior`` (what is known of it without looking), and patient_overall adds their
+    risk, ``1 − (1 − p_overall)·Π(1 − prior_v)`` over the missing levels; nothing found → ``prior``."""
+    prior = np.asarray(prior, dtype=np.float64)
+    localised = np.asarray(localised, dtype=bool)
+    if not localised.any():
+        return prior.copy()
+    out = np.asarray(study_probs, dtype=np.float64).copy()
+    missing = ~localised
+    out[:N_VERTEBRAE][missing] = prior[:N_VERTEBRAE][missing]
+    out[N_VERTEBRAE] = 1.0 - (1.0 - out[N_VERTEBRAE]) * np.prod(1.0 - prior[:N_VERTEBRAE][missing])
+    return out

@@ -99,3 +99,47 @@ def cross_fitted(
         held = part == f
         out[held] = StudyCalibration.fit(y[~held], p[~held], ridge)(p[held])
     return out
+
+
+NO_SHRINK = (0.0, 0.0)
+
+
+def group_losses(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, float]:
+    """Competition-weighted mean log loss of the C1–C7 group and of patient_overall, (n, 8) arrays."""
+    y, p = np.asarray(y_true, dtype=np.float64), np.clip(np.asarray(y_pred, dtype=np.float64), _EPS, 1 - _EPS)
+    w = competition_weights(y)
+    nll = -(y * np.log(p) + (1 - y) * np.log1p(-p)) * w
+    return float(nll[:, :7].sum() / w[:, :7].sum()), float(nll[:, 7].sum() / w[:, 7].sum())
+
+
+def shrink_weights(
+    y_true: np.ndarray,
+    y_raw: np.ndarray,
+    n0: float = 3.0,
+    margin: float = 0.02,
+    folds: int = 5,
+) -> tuple[float, float]:
+    """How far (0–1, in logit space) a fold's calibration pulls its probabilities toward the training prior,
+    (C1–C7, patient_overall): ``n0 / (n0 + n)`` for a fold of n studies (a small fold earns less trust),
+    and 1 for a group whose cross-fitted calibrated predictions do not beat a cross-fitted constant (the
+    competition-optimal prevalence of the other parts) by ``margin`` (relative): the fold says the model
+    adds nothing there."""
+    y, raw = np.asarray(y_true, dtype=np.float64), np.asarray(y_raw, dtype=np.float64)
+    n = len(y)
+    if n == 0:
+        return 1.0, 1.0
+    base = float(n0) / (float(n0) + n)
+    model = group_losses(y, cross_fitted(y, raw, folds))
+    constant = group_losses(y, cross_fitted(y, np.full_like(raw, 0.5), folds))  # a ≈ 0: the best constant
+    return tuple(1.0 if m >= c * (1 - margin) else base for m, c in zip(model, constant))  # type: ignore[return-value]
+
+
+def shrink(y_pred: np.ndarray, prior: np.ndarray, weights: tuple[float, float]) -> np.ndarray:
+    """(n, 8) probabilities pulled toward ``prior`` (8,): ``σ((1 − s)·logit(p) + s·logit(prior))`` with
+    s = ``weights[0]`` for C1–C7 and ``weights[1]`` for patient_overall."""
+    p = np.asarray(y_pred, dtype=np.float64)
+    s_v, s_o = (float(w) for w in weights)
+    if s_v == 0.0 and s_o == 0.0:
+        return p
+    s = np.array([s_v] * 7 + [s_o])
+    return _sigmoid((1 - s) * _logit(p) + s * _logit(np.asarray(prior, dtype=np.float64)))

@@ -34,6 +34,10 @@ class OperatingThreshold:
         """(8,) thresholds in ``TARGETS`` order."""
         return np.array([self.vertebra] * N_VERT + [self.patient], dtype=np.float64)
 
+    def calls(self, probabilities: np.ndarray) -> np.ndarray:
+        """(8,) bool: fracture suspected (p > threshold) per target."""
+        return np.asarray(probabilities, dtype=np.float64) > self.per_target()
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -230,3 +234,18 @@ def choose_operating_point(
         int(n_boot),
         dict(provenance or {}),
     )
+
+
+def calls_record(thresholds: OperatingThreshold | None, probabilities: np.ndarray) -> dict[str, Any]:
+    """A study record's ``operating_point`` entry: the thresholds, their rule and the call per target."""
+    from cervspine import TARGETS
+
+    if thresholds is None:
+        return {"thresholds": None, "note": "no operating point (run evaluate, or give operating_point=)"}
+    calls = thresholds.calls(probabilities)
+    return {
+        "vertebra": thresholds.vertebra,
+        "patient": thresholds.patient,
+        "rule": thresholds.rule,
+        "fracture_suspected": {t: bool(c) for t, c in zip(TARGETS, calls)},
+    }

@@ -1,0 +1,65 @@
+"""The whole-column model as a stage-1 strategy: the study's slices sampled about ``z_step_mm`` apart,
+encoded in batches, read as one sequence, and the per-position answers interpolated to every slice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cervspine.cache import CachedStudy
+from cervspine.data.column import ColumnSampler, spacing_mm
+from cervspine.inference.checkpoints import TrainedStage, load_module
+from cervspine.inference.runtime import Runtime
+from cervspine.inference.stage1 import Stage1Output, register_stage1
+from cervspine.models.column import VertebraeColumnDetector
+
+
+def to_every_slice(values: np.ndarray, positions: np.ndarray, num_slices: int) -> np.ndarray:
+    """(L, K) values at slice ``positions`` → (Z, K), linear between positions, held beyond the ends."""
+    z = np.arange(num_slices)
+    cols = [np.interp(z, positions, values[:, k]) for k in range(values.shape[1])]
+    return np.stack(cols, axis=1).astype(np.float32)
+
+
+@register_stage1("VertebraeColumnDetector")
+class ColumnStage1(TrainedStage):
+    """:class:`~cervspine.models.column.VertebraeColumnDetector` over the whole study."""
+
+    kind = "column"
+
+    def __init__(self, model: VertebraeColumnDetector, data_hp: dict, runtime: Runtime, checkpoint: Path):
+        super().__init__(model, data_hp, runtime, checkpoint)
+        self.sampler = ColumnSampler.from_hparams(data_hp)
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, runtime: Runtime, *, ckpt: dict[str, Any] | None = None
+    ) -> ColumnStage1:
+        model, data_hp = load_module(path, VertebraeColumnDetector, runtime, ckpt)
+        return cls(model, data_hp, runtime, Path(path))
+
+    def run(self, study: CachedStudy) -> Stage1Output:
+        with self.runtime.threads():
+            return self._run(study)
+
+    @torch.inference_mode()
+    def _run(self, study: CachedStudy) -> Stage1Output:
+        dz = spacing_mm(study)
+        idx = self.sampler.positions(study.num_slices, dz)
+        feats = []
+        for start in range(0, len(idx), self.runtime.batch_size):
+            chunk = idx[start : start + self.runtime.batch_size]
+            x = torch.from_numpy(self.sampler.inputs(study.volume, chunk, dz)).to(self.runtime.device)
+            with self.runtime.autocast():
+                feats.append(self.model.encode(x).float())
+        step = torch.tensor([self.sampler.stride(dz) * dz], device=self.runtime.device)
+        lengths = torch.tensor([len(idx)])
+        with self.runtime.autocast():
+            logits, box = self.model.read_column(torch.cat(feats)[None], lengths, step)
+        vis = torch.sigmoid(logits[0].float()).cpu().numpy()
+        boxes = box[0].float().cpu().numpy()
+        n = study.num_slices
+        return Stage1Output(to_every_slice(vis, idx, n), to_every_slice(boxes, idx, n)).masked()
