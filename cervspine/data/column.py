@@ -117,13 +117,13 @@ class VertebraeColumnDataset(Dataset):
         return idx[start : start + length]
 
     def _augment(self, image: np.ndarray, box: np.ndarray, has_box: np.ndarray) -> tuple[np.ndarray, ...]:
-        """One random transform for every position (channels stacked), the boxes moved with it."""
-        n, c, s, _ = image.shape
-        hwc = np.ascontiguousarray(image.reshape(n * c, s, s).transpose(1, 2, 0))
+        """One random transform for every position (albumentations' ``images`` target), the boxes moved
+        with it."""
         keep = np.flatnonzero(has_box)
         bxs = [[box[i, 1], box[i, 0], box[i, 3], box[i, 2]] for i in keep]  # albumentations: x, y order
-        out = self.augment(image=hwc, bboxes=bxs, box_labels=[int(i) for i in keep])
-        image = np.asarray(out["image"], dtype=np.float32).transpose(2, 0, 1).reshape(n, c, s, s)
+        images = np.ascontiguousarray(image.transpose(0, 2, 3, 1))  # (L, S, S, C)
+        out = self.augment(images=images, bboxes=bxs, box_labels=[int(i) for i in keep])
+        image = np.asarray(out["images"], dtype=np.float32).transpose(0, 3, 1, 2)
         box, has_box = np.zeros_like(box), np.zeros_like(has_box)
         for (x0, y0, x1, y1), i in zip(out["bboxes"], out["box_labels"]):
             box[int(i)], has_box[int(i)] = (y0, x0, y1, x1), True
