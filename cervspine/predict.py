@@ -1,5 +1,6 @@
 """``python -m cervspine.predict``: a Kaggle submission.csv for ``data.root``'s test.csv, or, with
-``study=DIR``, one study's answer; see :mod:`cervspine.jobs.predict`. Exits non-zero, listing the studies,
+``study=DIR``, one study's answer (``dicom_out=OUT``: also as DICOM SR + key images); see
+:mod:`cervspine.jobs.predict`. Exits non-zero, listing the studies,
 when any test study could not be scored (no submission is written then)."""
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from omegaconf import DictConfig
 
 import cervspine.config  # noqa: F401  (registers resolvers)
 from cervspine import TARGETS
-from cervspine.jobs.predict import predict_folder, predict_study_folder, report_dir
+from cervspine.jobs.operating_point import resolve_thresholds
+from cervspine.jobs.predict import dicom_dir, predict_folder, predict_study_folder, report_dir
 
 __all__ = ["main", "predict_folder", "predict_study_folder"]
 
@@ -22,10 +24,21 @@ def main(cfg: DictConfig) -> None:
     predictor = instantiate(cfg.predictor)
     if cfg.get("study"):
         pred = predict_study_folder(cfg, predictor)
-        for t, p in zip(TARGETS, pred.probabilities):
-            print(f"{t:>16}: {p:.3f}")
-        if cfg.get("report"):
+        thresholds = resolve_thresholds(cfg)[0]
+        limits = thresholds.per_target() if thresholds is not None else [None] * len(TARGETS)
+        for t, p, limit in zip(TARGETS, pred.probabilities, limits):
+            call = "" if limit is None else ("  fracture suspected" if p > limit else "  not suspected")
+            print(f"{t:>16}: {p:.3f}{call}")
+        print(
+            f"operating point: p > {thresholds.vertebra:.3f} (C1-C7), > {thresholds.patient:.3f} (patient); "
+            f"{thresholds.rule}"
+            if thresholds is not None
+            else "no operating point (run evaluate to write <run_dir>/operating_point.json, or give one)"
+        )
+        if cfg.get("report") or cfg.get("dicom_out"):
             print(f"report: {report_dir(cfg, pred.uid) / 'report.html'}")
+        if cfg.get("dicom_out"):
+            print(f"DICOM results (SR + key images): {dicom_dir(cfg, pred.uid)}")
         return
     result = predict_folder(cfg, predictor)
     if result.failed:

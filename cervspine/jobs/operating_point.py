@@ -23,9 +23,19 @@ from cervspine.io.atomic import write_json_atomic
 from cervspine.scoring.thresholds import (
     OperatingPoint,
     OperatingThreshold,
+    calls_record,
     choose_operating_point,
     choose_thresholds,
 )
+
+__all__ = [
+    "FILE_NAME",
+    "calls_record",
+    "choose_for_evaluation",
+    "load_operating_point",
+    "resolve_thresholds",
+    "run_operating_point",
+]
 
 log = logging.getLogger(__name__)
 
@@ -109,18 +119,3 @@ def resolve_thresholds(cfg: DictConfig) -> tuple[OperatingThreshold | None, Oper
         return choose_thresholds(None, None, given), None
     op = run_operating_point(cfg)
     return (op.thresholds(), op) if op is not None else (None, None)
-
-
-def threshold_record(thresholds: OperatingThreshold | None, probabilities: np.ndarray) -> dict[str, Any]:
-    """The study JSON's ``operating_point`` entry: thresholds, rule and the per-target call."""
-    from cervspine import TARGETS
-
-    if thresholds is None:
-        return {"thresholds": None, "note": "no operating point (run evaluate, or give operating_point=)"}
-    limits = thresholds.per_target()
-    return {
-        "vertebra": thresholds.vertebra,
-        "patient": thresholds.patient,
-        "rule": thresholds.rule,
-        "fracture_suspected": {t: bool(p > lim) for t, p, lim in zip(TARGETS, probabilities, limits)},
-    }

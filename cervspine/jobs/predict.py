@@ -1,9 +1,10 @@
 """Predicting: a Kaggle ``submission.csv`` for a folder's test.csv, or one study folder's answer.
 
 Every scored study also gets ``studies/<uid>.json`` (per-vertebra probabilities, the detected vertebra
-extents, timings). The submission is written atomically and only when every study was scored; otherwise
-the result lists the studies that could not be. ``report=true`` adds ``study_reports/<uid>/report.html``
-(+ PNGs) per study (see :mod:`cervspine.report.study`).
+extents, timings, the call at the run's operating point). The submission is written atomically and only
+when every study was scored; otherwise the result lists the studies that could not be. ``report=true``
+adds ``study_reports/<uid>/report.html`` (+ PNGs) per study (see :mod:`cervspine.report.study`); for one
+study, ``dicom_out=OUT`` adds ``OUT/<uid>/`` with its DICOM SR and key images (:mod:`cervspine.dicom`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from cervspine.io import load_study
 from cervspine.io.atomic import write_csv_atomic, write_json_atomic
 from cervspine.io.rsna import RsnaIndex, is_synthetic
 from cervspine.jobs.cache import cache_for
+from cervspine.jobs.operating_point import resolve_thresholds
 from cervspine.scoring.competition import PROBABILITY_EPS
+from cervspine.scoring.thresholds import OperatingThreshold, calls_record
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +42,13 @@ class PredictResult:
     reports: dict[str, Path] = field(default_factory=dict)
 
 
-def study_record(pred: StudyPrediction) -> dict[str, Any]:
+def study_record(pred: StudyPrediction, thresholds: OperatingThreshold | None = None) -> dict[str, Any]:
     extents = vertebra_extents(pred.slice_table).drop(columns="StudyInstanceUID")
-    return {**pred.as_dict(), "vertebra_extents": extents.to_dict(orient="records")}
+    return {
+        **pred.as_dict(),
+        "vertebra_extents": extents.to_dict(orient="records"),
+        "operating_point": calls_record(thresholds, pred.probabilities),
+    }
 
 
 def submission_frame(test: pd.DataFrame, predictions: dict[str, np.ndarray]) -> pd.DataFrame:
@@ -62,24 +69,54 @@ def report_dir(cfg: DictConfig, uid: str) -> Path:
 def write_report(
     cfg: DictConfig, study: CachedStudy, pred: StudyPrediction, predictor: Predictor, synthetic: bool
 ) -> Path:
-    """One scored study's report; returns its ``report.html``."""
+    """One scored study's report, at the operating point (:func:`resolve_thresholds`); its report.html."""
+    return _study_report(cfg, study, pred, predictor, synthetic).html
+
+
+def _study_report(
+    cfg: DictConfig, study: CachedStudy, pred: StudyPrediction, predictor: Predictor, synthetic: bool
+):
     from cervspine.report.study import write_study_report
 
-    threshold = cfg.get("report_threshold")
+    threshold = resolve_thresholds(cfg)[0]
     out = report_dir(cfg, pred.uid)
-    return write_study_report(out, study, pred, predictor, synthetic=synthetic, threshold=threshold).html
+    return write_study_report(out, study, pred, predictor, synthetic=synthetic, threshold=threshold)
+
+
+def dicom_dir(cfg: DictConfig, uid: str) -> Path:
+    """Where ``dicom_out=OUT`` puts one study's DICOM results: ``OUT/<uid>/`` (sr.dcm, key_*.dcm)."""
+    return Path(cfg.dicom_out) / uid
+
+
+def is_synthetic_study(cfg: DictConfig, predictor: Predictor) -> bool:
+    """``synthetic`` when set, else: the folder sits in a generated RSNA folder (<root>/*_images/) or the
+    models were trained on one."""
+    from cervspine.dicom.algorithm import trained_on_synthetic
+
+    if cfg.get("synthetic") is not None:
+        return bool(cfg.synthetic)
+    in_generated = any(is_synthetic(a) for a in Path(cfg.study).resolve().parents[:2])
+    return in_generated or trained_on_synthetic(predictor)
 
 
 def predict_study_folder(cfg: DictConfig, predictor: Predictor | None = None) -> StudyPrediction:
-    """One DICOM folder (``cfg.study``), read and scored in memory (nothing is written to the cache)."""
+    """One DICOM folder (``cfg.study``), read and scored in memory (nothing is written to the cache);
+    ``dicom_out`` adds its DICOM results (SR + key images, :mod:`cervspine.dicom`) and its report."""
+    thresholds = resolve_thresholds(cfg)[0]  # a named error before any work when a given one is missing
     predictor = predictor or instantiate(cfg.predictor)
-    study = InMemoryStudy(load_study(cfg.study), CacheParams(image_size=predictor.image_size))
+    source = load_study(cfg.study)
+    study = InMemoryStudy(source, CacheParams(image_size=predictor.image_size))
     pred = predictor.predict(study)
     out = Path(cfg.paths.output_dir)
-    write_json_atomic(out / "studies" / f"{pred.uid}.json", study_record(pred))
-    if cfg.get("report"):  # synthetic when the folder sits in a generated RSNA folder (<root>/*_images/)
-        synthetic = any(is_synthetic(a) for a in Path(cfg.study).resolve().parents[:2])
-        write_report(cfg, study, pred, predictor, synthetic)
+    write_json_atomic(out / "studies" / f"{pred.uid}.json", study_record(pred, thresholds))
+    if cfg.get("report") or cfg.get("dicom_out"):
+        synthetic = is_synthetic_study(cfg, predictor)
+        report = _study_report(cfg, study, pred, predictor, synthetic)
+    if cfg.get("dicom_out"):
+        from cervspine.dicom.results import results_for_study
+
+        out_dicom = dicom_dir(cfg, pred.uid)
+        results_for_study(out_dicom, source, pred, report, predictor, thresholds, synthetic=synthetic)
     return pred
 
 
@@ -92,6 +129,7 @@ def predict_folder(cfg: DictConfig, predictor: Predictor | None = None) -> Predi
     out = Path(cfg.paths.output_dir)
     cache_dir, params = cache_for(cfg.data, predictor.image_size)
     synthetic = is_synthetic(cfg.data.root)
+    thresholds = resolve_thresholds(cfg)[0]
     result = PredictResult()
     uids = list(dict.fromkeys(index.test["StudyInstanceUID"]))
     for u in uids:
@@ -108,7 +146,7 @@ def predict_folder(cfg: DictConfig, predictor: Predictor | None = None) -> Predi
             result.failed[uid] = f"{type(e).__name__}: {e}"
             continue
         result.predictions[uid] = pred.probabilities
-        write_json_atomic(out / "studies" / f"{uid}.json", study_record(pred))
+        write_json_atomic(out / "studies" / f"{uid}.json", study_record(pred, thresholds))
         if cfg.get("report"):
             study = CachedStudy(cache_dir / uid)
             try:  # a figure that fails must not cost the submission

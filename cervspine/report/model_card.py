@@ -78,6 +78,45 @@ def _metrics_section(metrics: dict[str, Any] | None, synthetic: bool) -> list[st
     return lines
 
 
+def _ci(ci: Any) -> str:
+    lo, hi = (float(v) for v in ci)
+    return f"{lo:.2f}–{hi:.2f}"
+
+
+def _operating_point_section(run_dir: Path, metrics: dict[str, Any] | None) -> list[str]:
+    """The run's operating point (``operating_point.json``, chosen by evaluate) with its validation
+    sensitivity and specificity, or a line saying there is none."""
+    from cervspine.jobs.operating_point import FILE_NAME, load_operating_point
+    from cervspine.scoring.thresholds import OperatingPoint
+
+    if (run_dir / FILE_NAME).is_file():
+        op = load_operating_point(run_dir)
+    elif metrics and metrics.get("operating_point"):
+        op = OperatingPoint.from_dict(metrics["operating_point"])
+    else:
+        return [f"No operating point recorded: `evaluate` writes `{FILE_NAME}` into the run folder."]
+    lines = [
+        f"`predict` and `serve` call a fracture *suspected* when p > threshold; rule: {op.description}, "
+        f"chosen on {op.provenance.get('chosen_on', '?')} (`{run_dir / FILE_NAME}`).",
+        "",
+        "| level | threshold | sensitivity (95% CI) | specificity (95% CI) | positives / negatives |",
+        "|---|---|---|---|---|",
+    ]
+    for name, lv in (("patient", op.patient), ("vertebra (C1–C7 pooled)", op.vertebra)):
+        lines.append(
+            f"| {name} | {lv.threshold:.4f} | {lv.sensitivity:.3f} ({_ci(lv.sensitivity_ci95)}) | "
+            f"{lv.specificity:.3f} ({_ci(lv.specificity_ci95)}) | {lv.n_positive} / {lv.n_negative} |"
+        )
+    lines += [
+        "",
+        f"Intervals: percentile bootstrap over the {op.n_studies} studies ({op.n_bootstrap} resamples), the "
+        "thresholds held fixed; a threshold chosen to reach a target on the same studies meets it there by "
+        "construction — expect less on new data. Override with `operating_point=PATH` or "
+        "`report_threshold=`.",
+    ]
+    return lines
+
+
 def model_card(cfg: DictConfig, run_dir: str | Path, metrics: dict[str, Any] | None = None) -> str:
     """The card's Markdown text for the pipeline run in ``run_dir`` (config ``cfg``)."""
     run_dir = Path(run_dir)
@@ -133,6 +172,10 @@ def model_card(cfg: DictConfig, run_dir: str | Path, metrics: dict[str, Any] | N
         "## Metrics",
         "",
         *_metrics_section(metrics, synthetic),
+        "",
+        "## Operating point",
+        "",
+        *_operating_point_section(run_dir, metrics),
         "",
         "## Intended use",
         "",

@@ -317,13 +317,14 @@ def _sections(
     limits = thresholds.per_target() if thresholds is not None else None
     rows = []
     for j, (name, p) in enumerate(zip(TARGETS, pred.probabilities)):
-        flag = "" if limits is None else ("above threshold" if p > limits[j] else "below threshold")
+        flag = "" if limits is None else ("fracture suspected" if p > limits[j] else "not suspected")
         rows.append([name, f"{p:.3f}", flag])
     t_note = (
-        f"Operating thresholds: vertebrae {thresholds.vertebra:.3f}, patient {thresholds.patient:.3f} "
-        f"({html.esc(thresholds.rule)})."
+        f"Operating point: a fracture is suspected when p &gt; {thresholds.vertebra:.3f} (vertebrae) or "
+        f"p &gt; {thresholds.patient:.3f} (patient); rule: {html.esc(thresholds.rule)}."
         if thresholds is not None
-        else "No operating threshold given (pass report_threshold=, e.g. from an evaluation report)."
+        else "No operating point: the run has no operating_point.json (evaluate writes it) and none was "
+        "given (operating_point=PATH or report_threshold=)."
     )
     saliency_note = (
         f"Saliency: Grad-CAM (pytorch-grad-cam) of the named level's logit at layer "
@@ -334,7 +335,7 @@ def _sections(
     timing = ", ".join(f"{k} {v:.2f} s" for k, v in pred.timings.items())
     return [
         "<h2>Prediction</h2>"
-        + html.table(["target", "probability", ""], rows)
+        + html.table(["target", "probability", "at the operating point"], rows)
         + f'<p class="note">{t_note}</p>',
         "<h2>Probabilities</h2>" + html.img_tag(pngs["probabilities"], "fracture probability per vertebra"),
         "<h2>Reformats</h2>"

@@ -1,0 +1,80 @@
+"""The DICOM node's settings (``conf/serve.yaml`` instantiates :class:`NodeSettings`); bad values are
+named errors at start-up, not surprises later."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def check_ae_title(value: str, what: str) -> str:
+    """An AE title: 1–16 ASCII characters, no backslash or control characters, not all spaces."""
+    text = str(value)
+    if not 0 < len(text.strip()) <= 16 or not text.isascii() or "\\" in text or not text.isprintable():
+        raise ValueError(f"{what}: {value!r} is not a DICOM AE title (1-16 ASCII characters, no '\\')")
+    return text.strip()
+
+
+def check_port(value: int, what: str) -> int:
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{what}: {value!r} is not a TCP port")
+    return port
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where results go by C-STORE (the PACS)."""
+
+    host: str
+    port: int
+    ae_title: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "port", check_port(self.port, "destination.port"))
+        object.__setattr__(self, "ae_title", check_ae_title(self.ae_title, "destination.ae_title"))
+        if not str(self.host):
+            raise ValueError("destination.host is empty")
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """What a node listens on, whom it accepts, when a series is complete and where results go."""
+
+    spool: Path
+    destination: Destination
+    allowed_callers: tuple[str, ...]
+    port: int = 11112
+    ae_title: str = "CERVSPINE"
+    host: str = "127.0.0.1"  # the address the C-STORE SCP listens on
+    idle_s: float = 5.0  # a series is complete when no instance arrived for this long
+    http_port: int | None = 8080  # the status page, on 127.0.0.1 only; None: no page
+    retry_initial_s: float = 2.0  # first wait before resending to an unreachable destination
+    retry_max_s: float = 300.0  # the longest wait between attempts (doubling up to it)
+    max_associations: int = 8
+    synthetic: bool | None = None  # None: SYNTHETIC when the models were trained on generated data
+    retain_days: float | None = 7.0  # received instances of answered series are deleted after this
+    poll_s: float = 0.2
+
+    def __post_init__(self) -> None:
+        callers = tuple(check_ae_title(c, "allowed_callers") for c in (self.allowed_callers or ()))
+        if not callers:
+            raise ValueError(
+                "allowed_callers is empty: name the AE title(s) of the PACS that may send studies"
+            )
+        object.__setattr__(self, "allowed_callers", callers)
+        object.__setattr__(self, "spool", Path(self.spool))
+        object.__setattr__(self, "ae_title", check_ae_title(self.ae_title, "ae_title"))
+        object.__setattr__(self, "port", check_port(self.port, "port"))
+        if self.http_port is not None:
+            object.__setattr__(self, "http_port", check_port(self.http_port, "http_port"))
+        if float(self.idle_s) < 0:
+            raise ValueError(f"idle_s must be >= 0, got {self.idle_s}")
+        if not 0 < float(self.retry_initial_s) <= float(self.retry_max_s):
+            raise ValueError("retry: need 0 < retry_initial_s <= retry_max_s")
+        if isinstance(self.destination, dict):
+            object.__setattr__(self, "destination", Destination(**self.destination))
+
+    def backoff(self, attempts: int) -> float:
+        """Seconds to wait after ``attempts`` failed sends: doubling from retry_initial_s to retry_max_s."""
+        return float(min(self.retry_max_s, self.retry_initial_s * 2 ** max(0, attempts - 1)))

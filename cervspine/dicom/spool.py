@@ -1,0 +1,117 @@
+"""The node's spool: every acknowledged instance on disk before the acknowledgement, and the folders of
+the work that follows. Names are UIDs only (checked: a UID cannot escape its folder).
+
+```
+<spool>/queue.sqlite                      the persisted queue (:mod:`.queue`)
+<spool>/incoming/<series>/<sop>.dcm        received instances, exactly the bytes the caller sent
+<spool>/work/<job>/                        results being made (deleted at start-up: unfinished)
+<spool>/outbox/<job>/                      results made, kept until the destination acknowledged them
+<spool>/sent/<job>/                        results the destination acknowledged
+<spool>/reports/<job>/report.html          the study page the status page links to
+<spool>/studies/<study>.json               the study record (probabilities, calls), as predict writes
+```
+``<job>`` is ``<series UID>-<first 16 hex digits of the series' content hash>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from cervspine.dicom.files import fsync_dir, is_uid, write_bytes_atomic
+
+MANIFEST = "manifest.json"
+
+
+class Spool:
+    """The spool folders under ``root`` (created on first use)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        for sub in ("incoming", "work", "outbox", "sent", "reports", "studies"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def db(self) -> Path:
+        return self.root / "queue.sqlite"
+
+    def sub(self, name: str) -> Path:
+        return self.root / name
+
+    def series_dir(self, series_uid: str) -> Path:
+        if not is_uid(series_uid):
+            raise ValueError(f"not a UID: {series_uid!r}")
+        return self.root / "incoming" / series_uid
+
+    def store(self, series_uid: str, sop_uid: str, data: bytes) -> Path:
+        """Write one instance durably (temp file, fsync, rename, fsync of the folder)."""
+        if not is_uid(sop_uid):
+            raise ValueError(f"not a UID: {sop_uid!r}")
+        folder = self.series_dir(series_uid)
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            fsync_dir(folder.parent)
+        return write_bytes_atomic(folder / f"{sop_uid}.dcm", data)
+
+    def instances(self, series_uid: str) -> list[Path]:
+        folder = self.series_dir(series_uid)
+        return sorted(folder.glob("*.dcm")) if folder.is_dir() else []
+
+    def content_hash(self, series_uid: str) -> tuple[str, int]:
+        """(SHA-256 over the series' SOP Instance UIDs and file contents, number of instances): equal
+        hashes mean the same instances, byte for byte."""
+        h = hashlib.sha256()
+        files = self.instances(series_uid)
+        for f in files:
+            h.update(f.stem.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+        return h.hexdigest(), len(files)
+
+    def latest_mtime(self, series_uid: str) -> float:
+        files = self.instances(series_uid)
+        return max((f.stat().st_mtime for f in files), default=0.0)
+
+    def series_on_disk(self) -> list[str]:
+        return sorted(p.name for p in (self.root / "incoming").iterdir() if p.is_dir() and is_uid(p.name))
+
+    @staticmethod
+    def job_name(series_uid: str, content_hash: str) -> str:
+        return f"{series_uid}-{content_hash[:16]}"
+
+    def publish(self, work: Path, job: str) -> Path:
+        """Move a finished work folder into the outbox (one rename: the outbox holds whole results)."""
+        target = self.root / "outbox" / job
+        if target.exists():  # made before a crash that came between this rename and the queue's record
+            shutil.rmtree(work, ignore_errors=True)
+            return target
+        os.replace(work, target)
+        fsync_dir(target.parent)
+        return target
+
+    def mark_sent(self, job: str) -> Path:
+        src, dst = self.root / "outbox" / job, self.root / "sent" / job
+        if src.is_dir():
+            shutil.rmtree(dst, ignore_errors=True)
+            os.replace(src, dst)
+            fsync_dir(dst.parent)
+        return dst
+
+    def results(self, job: str) -> Path:
+        """The job's result folder, wherever it is now (outbox, else sent)."""
+        out = self.root / "outbox" / job
+        return out if out.is_dir() else self.root / "sent" / job
+
+    def clean_unfinished(self) -> list[str]:
+        """Delete what a killed node left half-made: work folders and temporary instance files."""
+        removed = []
+        for p in (self.root / "work").iterdir():
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p.name)
+        for p in (self.root / "incoming").glob("*/.*.tmp*"):
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+        return removed
+
+    def purge_series(self, series_uid: str) -> None:
+        shutil.rmtree(self.series_dir(series_uid), ignore_errors=True)
