@@ -79,3 +79,22 @@ def test_a_study_stage1_cannot_localise_gets_the_prior_and_a_flag(blind_stage1, 
     np.testing.assert_allclose(pred.probabilities, logit_mean(priors), atol=1e-4)  # the members' prior
     record = pred.as_dict()
     assert record["not_localised"] == pred.not_localised and "level not localised" in record["fallback"]
+
+
+def test_a_single_study_predict_answers_an_unlocalisable_study_in_json_and_html(blind_stage1, tmp_path):
+    """No RuntimeError: the study gets the prior, "level not localised" in its JSON and its HTML page."""
+    import json
+
+    from cervspine.cache import CachedStudy
+    from cervspine.inference import Predictor
+    from cervspine.jobs.predict import study_record
+    from cervspine.report.study import write_study_report
+
+    predictor = Predictor.from_checkpoints(blind_stage1, [PREMOVE / "slice.ckpt"], device="cpu")
+    study = CachedStudy(PREMOVE / "study")
+    pred = predictor.predict(study)
+    record = json.loads(json.dumps(study_record(pred)))
+    assert record["not_localised"] == list(pred.not_localised) and len(record["not_localised"]) == 7
+    assert "level not localised" in record["fallback"]
+    page = write_study_report(tmp_path, study, pred, predictor, synthetic=True).html.read_text()
+    assert "Level not localised" in page and "C1, C2, C3, C4, C5, C6, C7" in page

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 class PredictResult:
     predictions: dict[str, np.ndarray] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    not_localised: dict[str, list[str]] = field(default_factory=dict)  # levels answered by the prior
     submission: Path | None = None
     reports: dict[str, Path] = field(default_factory=dict)
 
@@ -146,6 +147,7 @@ def predict_folder(cfg: DictConfig, predictor: Predictor | None = None) -> Predi
             result.failed[uid] = f"{type(e).__name__}: {e}"
             continue
         result.predictions[uid] = pred.probabilities
+        result.not_localised[uid] = pred.not_localised
         write_json_atomic(out / "studies" / f"{uid}.json", study_record(pred, thresholds))
         if cfg.get("report"):
             study = CachedStudy(cache_dir / uid)
@@ -153,6 +155,11 @@ def predict_folder(cfg: DictConfig, predictor: Predictor | None = None) -> Predi
                 result.reports[uid] = write_report(cfg, study, pred, predictor, synthetic)
             except Exception:
                 log.exception("%s: study report failed", uid)
+    fallback = {u: r for u, r in result.not_localised.items() if r}
+    if fallback:  # answered, but partly or wholly by the prior: say which (UIDs only, no patient data)
+        log.warning("%d studies with levels stage 1 did not localise (answered by the prior):", len(fallback))
+        for uid, levels in fallback.items():
+            log.warning("  %s: %s", uid, ", ".join(levels))
     if result.reports:
         from cervspine.report.study import write_index
 

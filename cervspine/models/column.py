@@ -39,6 +39,7 @@ class VertebraeColumnDetector(OptimizedModule):
         scheduler: SchedulerFactory | dict[str, Any] | None = None,
         rnn_hidden: int = 128,
         rnn_layers: int = 2,
+        feature_dim: int = 128,
         dropout: float = 0.2,
         box_loss_weight: float = 1.0,
         slice_loss_weight: float = 0.0,
@@ -49,8 +50,10 @@ class VertebraeColumnDetector(OptimizedModule):
         self.save_hyperparameters(logger=False)
         self.encoder = build_backbone(backbone, in_chans)
         width = self.encoder.num_features
+        # CNN features → a small normalised code per slice: what the GRU reads (a stable scale to start from)
+        self.project = nn.Sequential(nn.Linear(width, feature_dim), nn.LayerNorm(feature_dim), nn.GELU())
         self.rnn = nn.GRU(
-            width + 1,
+            feature_dim + 1,
             rnn_hidden,
             num_layers=rnn_layers,
             batch_first=True,
@@ -60,7 +63,7 @@ class VertebraeColumnDetector(OptimizedModule):
         self.dropout = nn.Dropout(dropout)
         self.presence_head = nn.Linear(2 * rnn_hidden, N_VERT)
         self.box_head = nn.Linear(2 * rnn_hidden, 4)
-        self.slice_head = nn.Linear(width, N_VERT) if slice_loss_weight > 0 else None
+        self.slice_head = nn.Linear(feature_dim, N_VERT) if slice_loss_weight > 0 else None
         self.box_loss_weight, self.slice_loss_weight = float(box_loss_weight), float(slice_loss_weight)
         self.optimizer_factory, self.scheduler_cfg = optimizer, scheduler
         self.channels_last = channels_last
@@ -73,10 +76,10 @@ class VertebraeColumnDetector(OptimizedModule):
 
     # ---- model -------------------------------------------------------------------------------------
     def encode(self, slices: torch.Tensor) -> torch.Tensor:
-        """(N, C, S, S) 2.5D slices → (N, F) features (the part inference may batch freely)."""
+        """(N, C, S, S) 2.5D slices → (N, feature_dim) codes (the part inference may batch freely)."""
         if self.channels_last:
             slices = slices.contiguous(memory_format=torch.channels_last)
-        return self.encoder(slices)
+        return self.project(self.encoder(slices).float())
 
     def read_column(
         self, feats: torch.Tensor, lengths: torch.Tensor, step_mm: torch.Tensor

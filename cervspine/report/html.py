@@ -25,6 +25,7 @@ table{border-collapse:collapse;font-size:.88em;margin:8px 0}
 th,td{border:1px solid #ddd;padding:4px 8px;text-align:right}th{background:#f3f5f8}
 td:first-child,th:first-child{text-align:left}
 .ci{color:#777;font-size:.85em}
+.warning{background:#fff4d6;border-left:4px solid #e67e22;padding:6px 10px;margin:8px 0}
 """
 
 IMAGES_OK_SCRIPT = """

@@ -333,8 +333,17 @@ def _sections(
         else "No saliency map: Grad-CAM is drawn for the slice classifier (FractureClassifier) only."
     )
     timing = ", ".join(f"{k} {v:.2f} s" for k, v in pred.timings.items())
+    missing = html.esc(", ".join(pred.not_localised))
+    localisation = (
+        f'<p class="warning">Level not localised: stage 1 found no slice of {missing}'
+        "; their probabilities are the training prior (what is known without looking), and the patient-level "
+        "probability includes their risk.</p>"
+        if pred.not_localised
+        else ""
+    )
     return [
         "<h2>Prediction</h2>"
+        + localisation
         + html.table(["target", "probability", "at the operating point"], rows)
         + f'<p class="note">{t_note}</p>',
         "<h2>Probabilities</h2>" + html.img_tag(pngs["probabilities"], "fracture probability per vertebra"),
