@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEMO_DIR ?= data/synthetic_demo_v2
+DEMO_DIR ?= data/synthetic_demo_v3
 PYTEST_ARGS ?=
 
 .PHONY: help install demo demo-quality print-demo-synth test test-slow bench lint format fuzz clean browser dicom-tools
@@ -20,9 +20,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP) ## create .venv and install cervspine with its test extras
 
-# 128² keeps the demo on a CPU; its pixels (1.4–1.9 mm) are ~5× RSNA's, so the demo's breaks are drawn
-# 6–10 mm wide to span the 3–6 px that 1–2 mm breaks span at 512² (generator default: 1.5–4.5 mm)
-DEMO_SYNTH ?= n_train=150 n_test=10 size=128 seed=0 seg_fraction=0.3 workers=2 \
+# 128² keeps the demo on a CPU; its pixels (1.4–1.9 mm) are ~5× RSNA's, so the demo's obvious breaks are
+# drawn 6–10 mm wide to span the 3–6 px that 1–2 mm breaks span at 512² (generator default: 1.5–4.5 mm).
+# variant=mixed draws each study's generator variant (the historic one, each cue-removing option alone, all of
+# them: one C3–C7 shape family, random z-coverage to scale, FOV and position, 0.5–3 mm slices, subtle
+# fractures of 1–2 cache pixels), so no level can be told by its size or its place in the stack.
+DEMO_SYNTH ?= n_train=150 n_test=10 size=128 seed=0 seg_fraction=0.3 workers=2 variant=mixed \
 	'fracture_gap_mm=[6,10]' 'fracture_shift_mm=[6,10]'
 DEMO_ARGS ?=
 
@@ -33,10 +36,8 @@ demo: $(STAMP) ## synthesize an RSNA-format folder (once), then run the whole pi
 print-demo-synth:
 	@echo $(DEMO_SYNTH)
 
-demo-quality: $(STAMP) ## score the last demo run on two held-out synthetic folders (experiments/demo_quality*.json)
-	$(PY) -m experiments.demo_quality --train $(DEMO_DIR) --holdout $(DEMO_DIR)_holdout
-	$(PY) -m experiments.demo_quality --train $(DEMO_DIR) --holdout $(DEMO_DIR)_holdout_seed2 --seed 2 \
-		--out experiments/demo_quality_seed2.json
+demo-quality: $(STAMP) ## score the last demo run on a held-out folder of every generator variant (experiments/demo_quality_variants.*)
+	$(PY) -m experiments.demo_quality --train $(DEMO_DIR)
 
 browser: ## headless Chromium for the report browser test (root + apt-get only; failure ignored)
 	@if [ -x /usr/bin/chromium ]; then echo "chromium: present"; \
@@ -54,7 +55,7 @@ dicom-tools: ## Orthanc, dcmtk, dicom3tools for the DICOM node's tests (root + a
 	else echo "not root or no apt-get: no Orthanc/dcmtk/dicom3tools, the tests that need them will be skipped"; fi
 
 test: $(STAMP) ## the whole test suite (what CI runs); PYTEST_WORKERS=0 runs it in one process
-	$(PY) -m pytest -q -m "not slow" -n $(or $(PYTEST_WORKERS),2) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow" -n $(or $(PYTEST_WORKERS),2) --dist loadfile $(PYTEST_ARGS)
 
 test-slow: $(STAMP) ## the slow tests (learning checks, longer fault injection)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)

@@ -381,3 +381,25 @@ def test_hard_folder_goes_through_the_cache_builder(hard_folder: Path, tmp_path:
             assert (
                 seg.shape == volume.shape and seg.max() >= 7 or "C7" not in manifest.loc[uid, "levels_shown"]
             )
+
+
+def test_mixed_folder_draws_each_studys_variant_and_applies_it(tmp_path: Path) -> None:
+    from cervspine.synthetic import plan_folder
+    from cervspine.synthetic.variants import VARIANTS, folder_spec
+
+    spec = folder_spec("mixed", n_train=60, n_test=0, size=32, seed=4)
+    plans = plan_folder(spec)
+    drawn = [p.variant_spec.variant for p in plans]
+    assert set(drawn) == set(VARIANTS)  # every variant drawn in 60 studies (each p = 1/7)
+    for p in plans:
+        v = p.variant_spec
+        assert v.z_coverage == {"coverage": "random", "hard": "random", "thickness": "full"}.get(
+            v.variant, "fitted"
+        )
+        assert v.subaxial_shape == ("uniform" if v.variant in ("uniform", "hard") else "graded")
+        assert p.params.subtle_fraction == (0.5 if v.variant in ("subtle", "hard") else 0.0)
+    again = [
+        p.variant_spec.variant
+        for p in plan_folder(folder_spec("mixed", n_train=60, n_test=0, size=32, seed=4))
+    ]
+    assert again == drawn  # seeded

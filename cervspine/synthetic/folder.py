@@ -169,6 +169,7 @@ def _write_csvs(out: Path, spec: FolderSpec, plans: list[StudyPlan], results: li
 
 
 def _variant_row(spec: FolderSpec, p: StudyPlan) -> dict[str, Any]:
+    spec = p.variant_spec or spec  # variant=mixed: the study's own variant
     place = p.params.placement
     return {
         "variant": spec.variant,

@@ -29,6 +29,8 @@ VERTEBRA_WEIGHTS = np.array([0.072, 0.141, 0.036, 0.053, 0.080, 0.137, 0.195])
 _N_FRACTURED_P = np.array([0.55, 0.27, 0.12, 0.06])  # 1..4 fractured vertebrae in a positive study
 _STANDARD_SPACINGS = (0.5, 0.6, 0.625, 0.7, 0.75, 0.8, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
 _VARIANT_STREAM = 52711  # tag of the per-study streams of the cue-removing options
+_MIX_STREAM = 52712  # tag of variant=mixed's per-study draw of a variant
+MIXED = "mixed"
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class StudyPlan:
     segmentation: bool = False
     boxes: bool = False
     seg_noise: float = 0.0
+    variant_spec: FolderSpec | None = None  # variant=mixed: the options this study was drawn with
 
 
 def _spacing(rng: np.random.Generator, lo: float, hi: float) -> float:
@@ -207,7 +210,9 @@ def _plan_split(
 ) -> list[StudyPlan]:
     positive = _positives(rng, len(uids), spec.positive_fraction)
     plans = []
+    folder_spec = spec
     for i, uid in enumerate(uids):
+        spec = _study_spec(folder_spec, [folder_spec.seed, offset + i])
         fractured = _draw_fractured(rng) if positive[i] else ()
         n_slices = int(rng.integers(spec.slices[0], spec.slices[1] + 1))
         spacing = _spacing(rng, *spec.spacing)
@@ -225,8 +230,24 @@ def _plan_split(
         study_seed = int(np.random.SeedSequence([spec.seed, offset + i]).generate_state(1)[0])
         if uses_variants(spec):
             params = _variant_params(spec, params, study_seed, [spec.seed, offset + i])
-        plans.append(StudyPlan(uid, split, study_seed, params, options, seg_noise=spec.seg_noise))
+        mixed = spec if folder_spec.variant == MIXED else None
+        plans.append(
+            StudyPlan(uid, split, study_seed, params, options, seg_noise=spec.seg_noise, variant_spec=mixed)
+        )
     return plans
+
+
+def _study_spec(spec: FolderSpec, key: list[int]) -> FolderSpec:
+    """``spec``, or for ``variant=mixed`` the spec of a variant drawn for this study (every named variant
+    equally likely: the historic generator, each cue-removing option alone, all of them)."""
+    if spec.variant != MIXED:
+        return spec
+    from cervspine.synthetic.variants import VARIANTS, resolve_options  # variants builds on this module
+
+    names = sorted(VARIANTS)
+    rng = np.random.default_rng(np.random.SeedSequence([*key, _MIX_STREAM]))
+    name = names[int(rng.integers(len(names)))]
+    return replace(spec, variant=name, **resolve_options(name))
 
 
 _VARIANT_FIELDS = ("variant", "subaxial_shape", "z_coverage", "fov_mm", "centre_shift_mm", "subtle_fraction")

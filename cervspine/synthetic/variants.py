@@ -10,6 +10,7 @@ fov        ``fov_mm=[130, 250]``, ``centre_shift_mm=20``: pixel spacing 0.25–0
 thickness  ``spacing=[0.5, 3.0]``, ``z_coverage=full``: 0.5–3 mm slices, to scale (count = coverage/spacing)
 subtle     ``subtle_fraction=0.5``: half the fractured vertebrae 1–2 px gaps, 1 px step-off at the cache size
 hard       all of the above (z coverage random)
+mixed      each study one of the above, drawn with equal odds (its variant is in the manifest)
 ========== ==========================================================================================
 
 An option given explicitly (not None) wins over the preset. ``fov_mm`` given as ``off`` (or False)
@@ -49,9 +50,12 @@ _OFF = ("off", "none", "false", "default")
 
 
 def resolve_options(variant: str = "default", **given: Any) -> dict[str, Any]:
-    """The variant's options: historic defaults, then the preset, then every option given (not None)."""
+    """The variant's options: historic defaults, then the preset, then every option given (not None).
+    ``mixed`` resolves to the defaults here; each study's own variant is drawn when the folder is planned."""
+    if variant == "mixed":
+        variant = "default"
     if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; use one of {sorted(VARIANTS)}")
+        raise ValueError(f"unknown variant {variant!r}; use one of {sorted(VARIANTS)} or mixed")
     unknown = set(given) - set(DEFAULTS)
     if unknown:
         raise TypeError(f"not variant options: {sorted(unknown)}")
