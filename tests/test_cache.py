@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,14 +17,13 @@ from cervspine.cache import CachedStudy, CacheParams, preprocess
 from cervspine.cache.entry import area_fractions, spine_boxes, vertebra_areas
 from cervspine.io import load_segmentation, load_study
 from cervspine.io.rsna import RsnaIndex
+from tests.helpers import writable_copy
 
 
 @pytest.fixture()
 def root(tiny_root, tmp_path) -> Path:
     """A private copy of the tiny folder (these tests modify it)."""
-    dst = tmp_path / "rsna"
-    shutil.copytree(tiny_root, dst, ignore=shutil.ignore_patterns(".cervspine_cache"))
-    return dst
+    return writable_copy(tiny_root, tmp_path / "rsna", ".cervspine_cache")
 
 
 def test_entries_hold_the_study_exactly(root, tmp_path):
@@ -126,8 +124,9 @@ def test_a_bad_study_fails_alone_and_the_cli_exits_nonzero(root, tmp_path):
 def test_preprocess_killed_midway_resumes_cleanly(tmp_path):
     from cervspine.synthetic import write_rsna_folder
 
-    root = tmp_path / "rsna"  # enough work (20 studies × ~150 slices) that the kill lands mid-way
-    write_rsna_folder(root, n_train=20, n_test=0, size=64, slices=(140, 160), seed=9, seg_fraction=0.5)
+    # the kill follows the first complete entry within ~10 ms; each of the 7 others takes far longer
+    root = tmp_path / "rsna"
+    write_rsna_folder(root, n_train=8, n_test=0, size=64, slices=(80, 100), seed=9, seg_fraction=0.5)
     cache = tmp_path / "c"
     cmd = [
         sys.executable,

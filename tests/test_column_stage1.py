@@ -47,7 +47,9 @@ def _dataset(train: bool, studies, augment=None) -> VertebraeColumnDataset:
         b[: s.num_slices // 4] = np.nan  # slices without a spine box
         boxes.append(b)
     sampler = ColumnSampler(input_size=16, z_step_mm=2.0, max_positions=500)
-    return VertebraeColumnDataset(studies, presence, boxes, sampler, train=train, min_fraction=0.5, augment=augment)
+    return VertebraeColumnDataset(
+        studies, presence, boxes, sampler, train=train, min_fraction=0.5, augment=augment
+    )
 
 
 def test_training_draws_random_parts_of_the_column_and_validation_reads_it_all():

@@ -8,6 +8,7 @@ import pytest
 
 from cervspine.data.datamodules import FractureDataModule, VertebraeDataModule
 from cervspine.data.folds import assign_folds
+from tests.helpers import writable_copy
 
 
 def _dm(cls, root, tmp_path, **kw):
@@ -123,10 +124,7 @@ def test_visibility_normalization_gives_every_found_level_its_best_slices():
 
 
 def test_a_folder_without_what_a_stage_learns_from_is_refused(tiny_root, tmp_path):
-    import shutil
-
-    bare = tmp_path / "no_segmentations"
-    shutil.copytree(tiny_root, bare, ignore=shutil.ignore_patterns(".cervspine_cache", "segmentations"))
+    bare = writable_copy(tiny_root, tmp_path / "no_segmentations", ".cervspine_cache", "segmentations")
     with pytest.raises(RuntimeError, match=r"no training study has a segmentation"):
         _dm(VertebraeDataModule, bare, tmp_path)
     with pytest.raises(RuntimeError, match=r"no training study has stage-1 predictions or a segmentation"):

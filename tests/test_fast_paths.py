@@ -42,32 +42,12 @@ def test_spine_boxes_by_chunks_equal_the_whole_volume_form(chunk):
     assert np.isnan(got).any() and np.isfinite(got).any()
 
 
-SHORT = [
-    "model.backbone.name=test_resnet",
-    "trainer.max_epochs=1",
-    "+trainer.limit_train_batches=1",
-    "+trainer.limit_val_batches=1",
-    "+trainer.enable_progress_bar=false",
-    "print_config=false",
-]
-
-
 @pytest.fixture(scope="module")
-def stages(tiny_root, tmp_path_factory):
-    """Two tiny trained stages (stage-1, stage-2 checkpoints) and a cached study of their data."""
-    from cervspine.train import train
-    from tests.conftest import TINY_DATA, TINY_STAGE1, TINY_STAGE2, hydra_config
-
-    run = tmp_path_factory.mktemp("fast_paths")
-    for stage, (experiment, tiny) in {"stage1": ("vertebrae_demo", TINY_STAGE1),
-                                      "stage2": ("fracture_demo", TINY_STAGE2)}.items():  # fmt: skip
-        overrides = [f"experiment={experiment}", f"data.root={tiny_root}", *TINY_DATA, *tiny, *SHORT]
-        with hydra_config("train", overrides, run / stage) as cfg:
-            train(cfg)
-    entry = sorted(
-        p for p in (tiny_root / ".cervspine_cache" / "s64").iterdir() if not p.name.startswith(".")
-    )[0]
-    return run / "stage1" / "checkpoints" / "last.ckpt", run / "stage2" / "checkpoints" / "last.ckpt", entry
+def stages(shared_run, tiny_cache):
+    """Two tiny trained stages (the shared run's stage-1 and slice stage-2 checkpoints) and a cached study
+    of their data."""
+    entry = sorted(p for p in tiny_cache.iterdir() if not p.name.startswith("."))[0]
+    return shared_run.stage1, shared_run.slice_stage2, entry
 
 
 @pytest.mark.parametrize("options", [{"num_threads": 1}, {"channels_last": True}])

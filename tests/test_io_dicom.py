@@ -13,10 +13,8 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import (
-    CTImageStorage,
-    ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     generate_uid,
 )
@@ -24,103 +22,12 @@ from pydicom.uid import (
 from cervspine.io import Study, StudyReadError, _fast_header, decode_pool, load_study
 from cervspine.io import headers as headers_mod
 from cervspine.io.dicom import shutdown_decoders
+from tests.helpers import AXIAL, write_series, write_slice
 
-AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # some pydicom test files
 
 
 # ------------------------------------------------------------------------------------------ writers
-
-
-def write_slice(
-    path: Path,
-    pixels: np.ndarray,
-    *,
-    position: tuple[float, float, float],
-    instance: int | None,
-    series_uid: str,
-    study_uid: str = "1.2.3.4",
-    orientation: tuple[float, ...] = AXIAL,
-    modality: str = "CT",
-    slope: float = 1.0,
-    intercept: float = -1024.0,
-    spacing: tuple[float, float] = (0.5, 0.6),
-    bits_stored: int | None = None,
-    syntax: str = ExplicitVRLittleEndian,
-    extra: dict | None = None,
-) -> Path:
-    """One single-frame grayscale slice written with pydicom (int16 → signed, uint16 → unsigned)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = syntax
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.Modality = modality
-    if instance is not None:
-        ds.InstanceNumber = instance
-    ds.ImagePositionPatient = [float(v) for v in position]
-    ds.ImageOrientationPatient = [float(v) for v in orientation]
-    ds.PixelSpacing = [spacing[0], spacing[1]]
-    ds.SliceThickness = 1.0
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 8 * pixels.dtype.itemsize
-    ds.BitsStored = bits_stored or ds.BitsAllocated
-    ds.HighBit = ds.BitsStored - 1
-    ds.PixelRepresentation = int(pixels.dtype.kind == "i")
-    ds.RescaleSlope = slope
-    ds.RescaleIntercept = intercept
-    for key, value in (extra or {}).items():
-        setattr(ds, key, value)
-    ds.PixelData = np.ascontiguousarray(pixels, dtype=pixels.dtype.newbyteorder("<")).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-def write_series(
-    folder: Path,
-    n: int = 6,
-    *,
-    shape: tuple[int, int] = (6, 5),
-    dz: float = 2.0,
-    reversed_storage: bool = False,
-    first_instance: int = 1,
-    names: list[str] | None = None,
-    orientation: tuple[float, ...] = AXIAL,
-    series_uid: str | None = None,
-    **kwargs,
-) -> tuple[list[Path], np.ndarray]:
-    """A series whose slice k (0 = most superior) is filled with 100 * k + pixel index.
-
-    Returns the files (superior first) and the expected HU volume (intercept −1024 unless given).
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    series_uid = series_uid or generate_uid()
-    o = np.asarray(orientation, dtype=float)
-    normal = np.cross(o[:3], o[3:])
-    normal = -normal if normal[2] < 0 else normal
-    files, expected = [], []
-    for k in range(n):
-        pixels = (100 * k + np.arange(shape[0] * shape[1]).reshape(shape)).astype(np.int16)
-        instance = first_instance + (n - 1 - k if reversed_storage else k)
-        name = names[k] if names else f"{instance}.dcm"
-        position = tuple(np.array([-10.0, 20.0, 50.0]) - k * dz * normal)
-        write_slice(
-            folder / name, pixels, position=position, instance=instance, series_uid=series_uid,
-            orientation=orientation, **kwargs,
-        )  # fmt: skip
-        files.append(folder / name)
-        expected.append(
-            pixels.astype(np.float64) * kwargs.get("slope", 1.0) + kwargs.get("intercept", -1024.0)
-        )
-    return files, np.stack(expected)
 
 
 def real_file(name: str) -> str:

@@ -10,34 +10,12 @@ import pydicom
 import pytest
 
 from cervspine.io import SegmentationError, Study, load_segmentation, load_study
-from tests.test_io_dicom import write_series
-
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+from tests.helpers import labels_like, nifti_from_volume, write_series
 
 
 def make_study(folder: Path, **kwargs) -> Study:
     write_series(folder, n=7, shape=(6, 5), dz=2.0, spacing=(0.5, 0.6), **kwargs)
     return load_study(folder)
-
-
-def labels_like(study: Study, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 20, size=study.shape, dtype=np.uint8)
-
-
-def nifti_from_volume(seg: np.ndarray, study: Study, perm: tuple[int, ...], flips: tuple[bool, ...]):
-    """A NIfTI array with data axis a = volume axis perm[a] (reversed where flips[a]) + its exact affine."""
-    data = np.transpose(seg, perm)
-    o = np.asarray(study.orientation)
-    dz, dy, dx = study.spacing
-    steps = [study.positions[1] - study.positions[0], dy * o[3:], dx * o[:3]]  # LPS step per volume axis
-    lps = np.eye(4)
-    lps[:3, 3] = study.positions[0]
-    for a, b in enumerate(perm):
-        lps[:3, a] = -steps[b] if flips[a] else steps[b]
-        if flips[a]:
-            data = np.flip(data, axis=a)
-            lps[:3, 3] += (seg.shape[b] - 1) * steps[b]
-    return np.ascontiguousarray(data), LPS_TO_RAS @ lps
 
 
 def rsna_nifti(seg: np.ndarray, study: Study) -> tuple[np.ndarray, np.ndarray]:

@@ -1,35 +1,20 @@
-"""The main job end to end on a tiny synthetic folder: pipeline, evaluate, predict, resume by steps."""
+"""The main job end to end on the tiny synthetic folder (the session's shared run): pipeline, evaluate,
+predict, resume by steps, the stage-2 ensemble."""
 
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from cervspine import TARGETS
-from tests.conftest import hydra_config, tiny_pipeline_overrides
+from tests.helpers import hydra_config, writable_copy
 
 
-def _pipeline_overrides(root: Path) -> list[str]:
-    return tiny_pipeline_overrides(root, "demo")
-
-
-@pytest.fixture(scope="module")
-def pipeline_run(tiny_root, tmp_path_factory):
-    from cervspine.pipeline import run
-
-    out = tmp_path_factory.mktemp("pipeline")
-    with hydra_config("pipeline", _pipeline_overrides(tiny_root), out) as cfg:
-        result = run(cfg)
-    return out, result
-
-
-def test_pipeline_ends_with_submission_and_metrics(pipeline_run, tiny_root):
-    out, result = pipeline_run
+def test_pipeline_ends_with_submission_and_metrics(shared_run, tiny_root):
+    out = shared_run.dir
+    assert shared_run.result["submission"] == out / "submission.csv"
     sub = pd.read_csv(out / "submission.csv")
     test = pd.read_csv(tiny_root / "test.csv")
     assert list(sub.columns) == ["row_id", "fractured"]
@@ -37,6 +22,7 @@ def test_pipeline_ends_with_submission_and_metrics(pipeline_run, tiny_root):
     assert len(sub) == 8 * test["StudyInstanceUID"].nunique()
     assert sub["fractured"].notna().all() and ((sub["fractured"] > 0) & (sub["fractured"] < 1)).all()
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == shared_run.result["metrics"]
     assert metrics["data"] == "synthetic" and "SYNTHETIC" in metrics["note"]
     assert "fitted on these same studies" in metrics["note"]  # stage 2 calibrated on this fold
     assert np.isfinite(metrics["rsna_score"]) and metrics["n_studies"] >= 1
@@ -45,10 +31,10 @@ def test_pipeline_ends_with_submission_and_metrics(pipeline_run, tiny_root):
         assert set(TARGETS) <= set(record) and len(record["vertebra_extents"]) == 7
 
 
-def test_stage1_table_has_one_row_per_slice_of_every_study(pipeline_run, tiny_root):
+def test_stage1_table_has_one_row_per_slice_of_every_study(shared_run, tiny_root):
     from cervspine.data.stage1_table import COLUMNS, read_stage1
 
-    out, _ = pipeline_run
+    out = shared_run.dir
     table = pd.read_parquet(out / "stage1_predictions.parquet")
     assert list(table.columns) == COLUMNS
     per_study = read_stage1(out / "stage1_predictions.parquet")
@@ -62,20 +48,18 @@ def test_stage1_table_has_one_row_per_slice_of_every_study(pipeline_run, tiny_ro
         assert ((vis >= 0) & (vis <= 1)).all()
 
 
-def test_pipeline_rerun_skips_current_steps(pipeline_run, tiny_root):
-    from cervspine.pipeline import run
-
-    out, _ = pipeline_run
-    before = {p: p.stat().st_mtime_ns for p in [out / "submission.csv", out / "stage1_predictions.parquet"]}
-    with hydra_config("pipeline", _pipeline_overrides(tiny_root), out) as cfg:
-        run(cfg)
-    assert {p: p.stat().st_mtime_ns for p in before} == before
+def test_pipeline_rerun_skips_current_steps(shared_run):
+    """The shared run's fixture ran the same command twice: nothing was recomputed the second time."""
+    before, after = shared_run.mtimes_after_run, shared_run.mtimes_after_rerun
+    assert {"submission.csv", "stage1_predictions.parquet", "metrics.json"} <= set(before)
+    assert any(k.startswith("stage2_seq/") for k in before)  # the ensemble member's checkpoints too
+    assert after == before
 
 
-def test_predict_single_study_folder(pipeline_run, tiny_root, tmp_path):
+def test_predict_single_study_folder(shared_run, tiny_root, tmp_path):
     from cervspine.predict import predict_study_folder
 
-    out, _ = pipeline_run
+    out = shared_run.dir
     folder = next((tiny_root / "test_images").iterdir())
     with hydra_config(
         "predict", [f"study={folder}", f"run_dir={out}", f"data.root={tiny_root}"], tmp_path
@@ -87,15 +71,15 @@ def test_predict_single_study_folder(pipeline_run, tiny_root, tmp_path):
     np.testing.assert_allclose([cached[t] for t in TARGETS], pred.probabilities, rtol=1e-4, atol=1e-5)
 
 
-def test_predict_on_a_missing_test_study_writes_no_submission(pipeline_run, tiny_root, tmp_path):
+def test_predict_on_a_missing_test_study_writes_no_submission(shared_run, tiny_root, tmp_path):
+    import shutil
+
     from cervspine.predict import predict_folder
 
-    out, _ = pipeline_run
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_root, broken, ignore=shutil.ignore_patterns(".cervspine_cache"))
+    broken = writable_copy(tiny_root, tmp_path / "broken", ".cervspine_cache")
     victim = next((broken / "test_images").iterdir())
     shutil.rmtree(victim)
-    overrides = [f"data.root={broken}", f"run_dir={out}", "data.image_size=64"]
+    overrides = [f"data.root={broken}", f"run_dir={shared_run.dir}", "data.image_size=64"]
     with hydra_config("predict", overrides, tmp_path / "run") as cfg:
         result = predict_folder(cfg)
     assert list(result.failed) == [victim.name]
@@ -103,30 +87,27 @@ def test_predict_on_a_missing_test_study_writes_no_submission(pipeline_run, tiny
     assert result.submission is None and not (tmp_path / "run" / "submission.csv").exists()
 
 
-def test_evaluate_scores_at_the_checkpoints_image_size(pipeline_run, tiny_root, tmp_path):
+def test_evaluate_scores_at_the_checkpoints_image_size(shared_run, tiny_root, tmp_path):
     """No data.image_size given (the default is 256): evaluate caches and scores at the models' 64."""
     from cervspine.evaluate import evaluate
 
-    out, _ = pipeline_run
-    copy = tmp_path / "labelled"
-    shutil.copytree(tiny_root, copy, ignore=shutil.ignore_patterns(".cervspine_cache"))
-    overrides = [f"data.root={copy}", f"run_dir={out}", "fold=null", "n_bootstrap=10"]
+    copy = writable_copy(tiny_root, tmp_path / "labelled", ".cervspine_cache")
+    overrides = [f"data.root={copy}", f"run_dir={shared_run.dir}", "fold=null", "n_bootstrap=10"]
     with hydra_config("evaluate", overrides, tmp_path / "run") as cfg:
+        assert cfg.data.image_size == 256
         metrics = evaluate(cfg)
     assert sorted(p.name for p in (copy / ".cervspine_cache").iterdir()) == ["s64"]
     assert metrics["n_studies"] == 12 and np.isfinite(metrics["rsna_score"])
 
 
-def test_an_ensemble_scores_the_mean_of_its_members_study_logits(pipeline_run, tiny_root, tmp_path):
+def test_an_ensemble_scores_the_mean_of_its_members_study_logits(shared_run, tiny_root, tiny_cache, tmp_path):
     import torch
 
     from cervspine.cache import CachedStudy
     from cervspine.evaluate import evaluate
     from cervspine.inference import Predictor, load_predictor
-    from cervspine.runs.layout import stage_checkpoints
 
-    out, _ = pipeline_run
-    s1, s2 = stage_checkpoints(out)
+    s1, s2 = shared_run.stage1, shared_run.slice_stage2
     ckpt = torch.load(s2, map_location="cpu", weights_only=False)  # a second, different stage 2
     gen = torch.Generator().manual_seed(0)
     for k, v in ckpt["state_dict"].items():
@@ -134,8 +115,7 @@ def test_an_ensemble_scores_the_mean_of_its_members_study_logits(pipeline_run, t
             v.add_(torch.randn(v.shape, generator=gen) * 0.5)
     other = tmp_path / "other.ckpt"
     torch.save(ckpt, other)
-    cache = next(p for p in (tiny_root / ".cervspine_cache").iterdir() if p.is_dir())
-    study = CachedStudy(next(p for p in sorted(cache.iterdir()) if p.is_dir()))
+    study = CachedStudy(next(p for p in sorted(tiny_cache.iterdir()) if p.is_dir()))
     a = Predictor.from_checkpoints(s1, s2, device="cpu").predict(study).probabilities.astype(np.float64)
     b = Predictor.from_checkpoints(s1, other, device="cpu").predict(study).probabilities.astype(np.float64)
     assert not np.allclose(a, b, atol=1e-3)
@@ -150,7 +130,7 @@ def test_an_ensemble_scores_the_mean_of_its_members_study_logits(pipeline_run, t
 
     overrides = [
         f"data.root={tiny_root}",
-        f"run_dir={out}",
+        f"run_dir={shared_run.dir}",
         f'ckpt.stage2=["{s2}","{other}"]',
         "n_bootstrap=10",
     ]

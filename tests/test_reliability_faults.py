@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,22 +32,9 @@ from cervspine.io.atomic import write_csv_atomic, write_json_atomic
 from cervspine.io.dicom import shutdown_decoders
 from cervspine.io.rsna import RsnaIndex
 from cervspine.synthetic import write_rsna_folder
+from tests.helpers import mounted_tmpfs
 
 ENOSPC = errno.ENOSPC
-
-
-@contextlib.contextmanager
-def mounted_tmpfs(path: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of ``size`` at ``path`` (a real full disk); skips the test where mounting is not allowed."""
-    path.mkdir(parents=True, exist_ok=True)
-    if subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
-    ).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def _remount(path: Path, size: str) -> None:

@@ -26,7 +26,7 @@ from pydicom.encaps import encapsulate, generate_frames
 
 from cervspine.io import CervspineInputError, Study, StudyReadError, load_study
 from cervspine.synthetic import PhantomParams, make_phantom, write_study_dicom
-from tests.test_io_dicom import AXIAL, write_series
+from tests.helpers import AXIAL, write_series
 
 HEADER_BYTES = 1024  # most mutations land here: the pixel data of small files follows soon after
 FUZZ_SECONDS = float(os.environ.get("CERVSPINE_FUZZ_SECONDS", "60"))

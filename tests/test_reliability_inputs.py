@@ -20,9 +20,7 @@ from cervspine.cache import CachedStudy, CacheParams, build_entry, preprocess
 from cervspine.io import CervspineInputError, StudyReadError, load_segmentation, load_study
 from cervspine.io.rsna import RsnaIndex
 from cervspine.synthetic import write_rsna_folder
-from tests.conftest import TINY_DATA, TINY_STAGE2, hydra_config
-from tests.test_io_dicom import write_series
-from tests.test_io_nifti import labels_like, nifti_from_volume
+from tests.helpers import TINY_DATA, TINY_STAGE2, hydra_config, labels_like, nifti_from_volume, write_series
 
 REPO = Path(__file__).resolve().parents[1]
 ODD_DIR = "dir with spaces/données – ü 東京 ✓"  # spaces, accents, CJK, a dash and a symbol

@@ -16,26 +16,13 @@ import pandas as pd
 import pytest
 
 from cervspine import TARGETS
-from cervspine.train import train
-from tests.conftest import TINY_DATA, TINY_STAGE1, TINY_STAGE2, hydra_config
-from tests.test_io_dicom import write_series
-
-REPO = Path(__file__).resolve().parents[1]
-SHORT = ["model.backbone.name=test_resnet", "trainer.max_epochs=1", "+trainer.limit_train_batches=1",
-         "+trainer.limit_val_batches=1", "+trainer.enable_progress_bar=false"]  # fmt: skip
+from tests.helpers import REPO, hydra_config, writable_copy, write_series
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_root, tmp_path_factory) -> Path:
-    """A pipeline-like run folder (stage1/, stage2/) with two tiny trained stages."""
-    run = tmp_path_factory.mktemp("predict_run")
-    stages = {"stage1": ("vertebrae_demo", TINY_STAGE1), "stage2": ("fracture_demo", TINY_STAGE2)}
-    for stage, (experiment, tiny) in stages.items():
-        overrides = [f"experiment={experiment}", f"data.root={tiny_root}", *TINY_DATA, *tiny, *SHORT]
-        overrides.append("print_config=false")
-        with hydra_config("train", overrides, run / stage) as cfg:
-            train(cfg)
-    return run
+def run_dir(shared_run) -> Path:
+    """A pipeline run folder (stage1/, stage2/, stage2_seq/) with tiny trained stages: the shared run."""
+    return shared_run.dir
 
 
 GOOD = "1.2.826.0.1.3680043.99999"
@@ -43,7 +30,7 @@ GOOD = "1.2.826.0.1.3680043.99999"
 
 def _hostile_root(tiny_root: Path, dst: Path) -> tuple[Path, dict[str, str]]:
     """tiny_root's copy whose test.csv names one good study and two broken ones (uid → what is wrong)."""
-    shutil.copytree(tiny_root, dst, ignore=shutil.ignore_patterns(".cervspine_cache"))
+    writable_copy(tiny_root, dst, ".cervspine_cache")
     garbage, mixed = sorted(p.name for p in (dst / "test_images").iterdir())
     for f in (dst / "test_images" / garbage).iterdir():
         f.write_bytes(f.read_bytes()[:100])  # every slice truncated inside its header

@@ -23,8 +23,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from cervspine.models.fracture import FractureClassifier
 from cervspine.train import train
 from cervspine.training.guards import AtomicCheckpointIO, NonFiniteLossError, NonFiniteLossGuard
-from tests.conftest import TINY_DATA, TINY_STAGE2, hydra_config
-from tests.test_reliability_faults import mounted_tmpfs
+from tests.helpers import TINY_DATA, TINY_STAGE2, hydra_config, mounted_tmpfs
 
 NAN, INF = float("nan"), float("inf")
 REPO = Path(__file__).resolve().parents[1]
@@ -189,18 +188,6 @@ def test_atomic_checkpoint_io_on_a_real_full_disk(tmp_path):
 # --------------------------------------------------------------------------- SIGKILL mid-epoch, resume
 
 
-class StepBeacon(L.Callback):
-    """Test helper run inside the training subprocess: writes the global step after every batch."""
-
-    def __init__(self, path: str) -> None:
-        self.path = Path(path)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(str(trainer.global_step))
-        os.replace(tmp, self.path)
-
-
 def _train_cli(root: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
     """``python -m cervspine.train`` in the background; stderr goes to ``<run_dir>.log``."""
     # last.ckpt is written after every step, so a kill can land in the middle of a checkpoint write
@@ -225,7 +212,7 @@ def test_training_killed_mid_epoch_resumes_to_the_same_final_step(tiny_root, tmp
     assert expected == 8
 
     run, beacon = tmp_path / "run", tmp_path / "step.txt"
-    proc = _train_cli(tiny_root, run, "+callbacks.beacon._target_=tests.test_reliability_training.StepBeacon",
+    proc = _train_cli(tiny_root, run, "+callbacks.beacon._target_=tests.helpers.StepBeacon",
                       f"+callbacks.beacon.path={beacon}")  # fmt: skip
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None:

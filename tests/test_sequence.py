@@ -14,28 +14,20 @@ import pytest
 import torch
 
 from cervspine import TARGETS, VERTEBRAE
-from cervspine.cache import CachedStudy, CacheParams
+from cervspine.cache import CachedStudy
 from cervspine.data.sequence import StudyGeometry, VertebraSequenceDataset
 from cervspine.data.spine import crop_pixels
 from cervspine.data.vertebra_crops import VertebraCropper, VertebraExtent, study_sequences
 from cervspine.models.sequence import VertebraSequenceClassifier
 from cervspine.scoring.aggregation import vertebra_rows
 from cervspine.scoring.metrics import prior_baseline
-from tests.conftest import TINY_DATA, TINY_STAGE2, hydra_config, tiny_pipeline_overrides
-
-SEQ = ["data.n_slices=4"]
+from tests.helpers import SEQ, TINY_DATA, TINY_STAGE2, hydra_config, tiny_pipeline_overrides
 
 
 @pytest.fixture(scope="module")
-def cache(tiny_root) -> Path:
-    """The tiny folder's cache at 64² (the one the training tests use)."""
-    from cervspine.cache import preprocess
-    from cervspine.io.rsna import RsnaIndex
-
-    cache_dir = tiny_root / ".cervspine_cache" / "s64"
-    report = preprocess(RsnaIndex.from_root(tiny_root), cache_dir, CacheParams(image_size=64), progress=False)
-    assert report.ok
-    return cache_dir
+def cache(tiny_cache) -> Path:
+    """The tiny folder's cache at 64² (the one the training tests use; built by the tiny_root fixture)."""
+    return tiny_cache
 
 
 def _studies(cache: Path, *, seg: bool) -> list[CachedStudy]:
@@ -289,6 +281,7 @@ def test_study_sample_mode_with_box_mask_trains(tiny_root, tmp_path):
         "data.pos_fraction=null",
         "data.batch_size=2",
         "data.mask=box",
+        "model.backbone.name=test_resnet",
         "model.study_head=true",
         "model.rnn=lstm",
         "trainer.max_epochs=1",
@@ -309,31 +302,36 @@ def test_study_sample_mode_with_box_mask_trains(tiny_root, tmp_path):
     assert not ckpt["state_dict"]["logit_shift"].any()  # natural sampling: nothing to undo
 
 
-# ---- the pipeline with the sequence model --------------------------------------------------------
+# ---- the pipeline with the sequence model (the shared run's stage2_seq/) ---------------------------
 @pytest.fixture(scope="module")
-def seq_pipeline(tiny_root, tmp_path_factory):
-    from cervspine.pipeline import run
+def seq_answers(shared_run, tiny_root, tmp_path_factory) -> Path:
+    """The shared run's stage 1 + sequence model alone (a demo_seq run's models): its evaluate and predict
+    steps' outputs, the pipeline's own task configs with those checkpoints."""
+    from cervspine.jobs.evaluate import evaluate
+    from cervspine.jobs.pipeline import task_config
+    from cervspine.jobs.predict import predict_folder
 
-    out = tmp_path_factory.mktemp("pipeline_seq")
-    overrides = tiny_pipeline_overrides(tiny_root, "demo_seq", stage2=SEQ)
-    with hydra_config("pipeline", overrides, out) as cfg:
+    out = tmp_path_factory.mktemp("seq_answers")
+    with hydra_config("pipeline", tiny_pipeline_overrides(tiny_root, "demo_seq", stage2=SEQ), out) as cfg:
         assert cfg.stage2.experiment == "fracture_seq_demo"
-        result = run(cfg)
-    return out, result
+        for task in ("evaluate", "predict"):
+            task_cfg = task_config(cfg, task, out, shared_run.stage1, [shared_run.seq_stage2])
+            evaluate(task_cfg) if task == "evaluate" else predict_folder(task_cfg)
+    return out
 
 
-def test_pipeline_with_the_sequence_model(seq_pipeline, tiny_root):
-    from cervspine.runs.layout import best_checkpoint
-
-    out, _ = seq_pipeline
-    ckpt = torch.load(best_checkpoint(out / "stage2"), map_location="cpu", weights_only=False)
+def test_pipeline_with_the_sequence_model(shared_run, seq_answers, tiny_root):
+    ckpt = torch.load(shared_run.seq_stage2, map_location="cpu", weights_only=False)
+    assert ckpt["model_class"] == "VertebraSequenceClassifier"
     assert ckpt["datamodule_hyper_parameters"]["sample"] == "vertebra"
     assert ckpt["state_dict"]["logit_shift"][0] > 0.5  # positives oversampled: evaluation undoes it
+    out = seq_answers
     sub = pd.read_csv(out / "submission.csv")
     test = pd.read_csv(tiny_root / "test.csv")
     assert sub["row_id"].tolist() == test["row_id"].tolist()
     assert ((sub["fractured"] > 0) & (sub["fractured"] < 1)).all()
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["stage2_ckpt"] == str(shared_run.seq_stage2)
     assert np.isfinite(metrics["rsna_score"]) and "SYNTHETIC" in metrics["note"]
     for uid in test["StudyInstanceUID"].unique():
         record = json.loads((out / "studies" / f"{uid}.json").read_text())
@@ -346,30 +344,25 @@ def test_pipeline_with_the_sequence_model(seq_pipeline, tiny_root):
             assert len(info["slices"]) == 4 and info["probability"] == pytest.approx(record[v], abs=1e-4)
 
 
-def test_predict_single_study_with_the_sequence_model(seq_pipeline, tiny_root, tmp_path):
+def test_predict_single_study_with_the_sequence_model(shared_run, seq_answers, tiny_root, tmp_path):
     from cervspine.predict import predict_study_folder
 
-    out, _ = seq_pipeline
     folder = next((tiny_root / "test_images").iterdir())
-    overrides = [f"study={folder}", f"run_dir={out}", f"data.root={tiny_root}"]
-    with hydra_config("predict", overrides, tmp_path) as cfg:
+    ckpts = [f"ckpt.stage1={shared_run.stage1}", f"ckpt.stage2={shared_run.seq_stage2}"]
+    with hydra_config("predict", [f"study={folder}", *ckpts, f"data.root={tiny_root}"], tmp_path) as cfg:
         pred = predict_study_folder(cfg)
     assert pred.probabilities.shape == (8,)
     assert pred.fracture_probs.shape == (len(pred.fracture_slices), 7)
-    cached = json.loads((out / "studies" / f"{folder.name}.json").read_text())
+    cached = json.loads((seq_answers / "studies" / f"{folder.name}.json").read_text())
     np.testing.assert_allclose([cached[t] for t in TARGETS], pred.probabilities, rtol=1e-4, atol=1e-5)
 
 
-def test_pipeline_with_a_stage2_ensemble(tiny_root, tmp_path):
+def test_pipeline_with_a_stage2_ensemble(shared_run, tiny_root, tmp_path):
     """experiment=demo_ensemble: slice classifier + sequence model on one stage 1, answered as the mean
     of their study logits by the pipeline, and by evaluate/predict given only the run folder."""
-    from cervspine.pipeline import run
     from cervspine.predict import predict_study_folder
 
-    overrides = tiny_pipeline_overrides(tiny_root, "demo_ensemble", stage2_ensemble__seq=SEQ)
-    out = tmp_path / "run"
-    with hydra_config("pipeline", overrides, out) as cfg:
-        run(cfg)
+    out = shared_run.dir
     steps = json.loads((out / "steps.json").read_text())
     assert {"train_stage2", "train_stage2_seq"} <= set(steps)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -388,7 +381,6 @@ def test_pipeline_with_a_stage2_ensemble(tiny_root, tmp_path):
     np.testing.assert_allclose(pred.probabilities, [record[t] for t in TARGETS], rtol=1e-4, atol=1e-5)
     card = (out / "MODEL_CARD.md").read_text()
     assert "stage2_seq" in card and "mean of their study logits" in card
-    before = (out / "metrics.json").stat().st_mtime_ns
-    with hydra_config("pipeline", overrides, out) as cfg:
-        run(cfg)  # every step current, the ensemble members included
-    assert (out / "metrics.json").stat().st_mtime_ns == before
+    # the fixture's second run of the same command: every step current, the ensemble members included
+    assert shared_run.mtimes_after_rerun["metrics.json"] == shared_run.mtimes_after_run["metrics.json"]
+    assert shared_run.mtimes_after_rerun == shared_run.mtimes_after_run

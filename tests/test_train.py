@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cervspine.train import train
-from tests.conftest import TINY_DATA, TINY_STAGE1, TINY_STAGE2, hydra_config
+from tests.helpers import TINY_DATA, TINY_STAGE1, TINY_STAGE2, hydra_config, tiny_pipeline_overrides
 
 CONF = Path(__file__).parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))  # train recipes
@@ -61,29 +61,71 @@ def test_every_train_experiment_runs_fast_dev_run(experiment, tiny_root, tmp_pat
 
 def test_pipeline_experiment_composes_for_train_and_pipeline(tiny_root, tmp_path):
     with hydra_config("pipeline", ["experiment=demo", f"data.root={tiny_root}"], tmp_path) as cfg:
-        assert cfg.stage1.experiment == "vertebrae_demo" and cfg.stage2.experiment == "fracture_demo"
+        assert cfg.stage1.experiment == "vertebrae_column_demo" and cfg.stage2.experiment == "fracture_demo"
         assert cfg.data.image_size == 128
 
 
-def test_gpu_demo_trains_both_stages_on_a_gpu_in_bf16(tiny_root, tmp_path):
+def test_demo_gpu_composes_gpu_bf16_stages(tiny_root, tmp_path):
     from cervspine.jobs.pipeline import stage_config
 
     with hydra_config("pipeline", ["experiment=demo_gpu", f"data.root={tiny_root}"], tmp_path) as cfg:
         assert cfg.experiment_name == "demo_gpu" and cfg.data.image_size == 128
-        for stage, experiment in (("stage1", "vertebrae_demo"), ("stage2", "fracture_demo")):
+        for stage, experiment in (("stage1", "vertebrae_column_demo"), ("stage2", "fracture_demo")):
             stage_cfg = stage_config(cfg, stage, tmp_path / stage)
             assert stage_cfg.experiment_name == experiment
             assert (stage_cfg.trainer.accelerator, stage_cfg.trainer.precision) == ("gpu", "bf16-mixed")
             assert stage_cfg.data.num_workers == 8
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)"
+)
+def test_gpu_demo_trains_both_stages_on_a_gpu_in_bf16(tiny_root, tmp_path):
+    """experiment=demo_gpu, shrunk to the tiny folder: both stages train on the GPU in bf16-mixed (the
+    stage settings of conf/pipelines/experiment/demo_gpu.yaml, then the tiny ones), and the run scores."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from cervspine.pipeline import run
+
+    with hydra_config("pipeline", ["experiment=demo_gpu", f"data.root={tiny_root}"], tmp_path) as cfg:
+        s1, s2 = (list(cfg[stage].overrides) for stage in ("stage1", "stage2"))  # the GPU settings
+    assert "trainer.accelerator=gpu" in s1 and "trainer.accelerator=gpu" in s2
+    overrides = tiny_pipeline_overrides(tiny_root, "demo_gpu", stage1=s1, stage2=s2)
+    torch.cuda.reset_peak_memory_stats()
+    with hydra_config("pipeline", overrides, tmp_path / "run") as cfg:
+        result = run(cfg)
+    assert torch.cuda.max_memory_allocated() > 0  # the models ran on the GPU
+    for stage in ("stage1", "stage2"):
+        resolved = OmegaConf.load(tmp_path / "run" / stage / "resolved_config.yaml")
+        assert (resolved.trainer.accelerator, resolved.trainer.precision) == ("gpu", "bf16-mixed")
+        summary = json.loads((tmp_path / "run" / stage / "train_summary.json").read_text())
+        assert summary["global_step"] == 2 and Path(summary["best_model_path"]).is_file()
+    assert np.isfinite(result["metrics"]["rsna_score"]) and result["submission"].is_file()
+
+
 def _short(tiny_root: Path, epochs: int) -> list[str]:
+    """fracture_demo for ``epochs`` of two batches on timm's 0.4M-parameter test_resnet (these tests check
+    the training machinery, not what resnet18 learns)."""
     return [
         *_overrides(tiny_root, "fracture_demo"),
+        "model.backbone.name=test_resnet",
         f"trainer.max_epochs={epochs}",
         "+trainer.limit_train_batches=2",
         "+trainer.limit_val_batches=2",
     ]
+
+
+@pytest.fixture(scope="module")
+def seeded_run(tiny_root, tmp_path_factory):
+    """One short run with seed=7: (run folder, metrics, objects, its final weights)."""
+    out = tmp_path_factory.mktemp("seeded_run")
+    with hydra_config("train", [*_short(tiny_root, 1), "seed=7"], out) as cfg:
+        metrics, objects = train(cfg)
+    state = {k: v.clone() for k, v in objects["model"].state_dict().items()}
+    return out, metrics, objects, state
 
 
 def test_resume_from_last_continues_the_global_step(tiny_root, tmp_path):
@@ -97,9 +139,8 @@ def test_resume_from_last_continues_the_global_step(tiny_root, tmp_path):
     assert second["trainer"].current_epoch == 2
 
 
-def test_validation_scores_studies_and_checkpoints_on_rsna_score(tiny_root, tmp_path):
-    with hydra_config("train", _short(tiny_root, 1), tmp_path) as cfg:
-        metrics, objects = train(cfg)
+def test_validation_scores_studies_and_checkpoints_on_rsna_score(seeded_run):
+    _, metrics, objects, _ = seeded_run
     assert 0 < metrics["val/rsna_score"] < 10
     assert 0 < metrics["val/rsna_score_uncalibrated"] < 10
     assert objects["summary"]["monitor"] == "val/rsna_score"
@@ -117,17 +158,14 @@ def test_validation_scores_studies_and_checkpoints_on_rsna_score(tiny_root, tmp_
     assert not np.allclose(stage2.model.calibrate(p), p)
 
 
-def test_same_seed_repeats_a_cpu_run_exactly(tiny_root, tmp_path):
-    import torch as _torch
-
-    states = []
-    for run in ("a", "b"):
-        with hydra_config("train", [*_short(tiny_root, 1), "seed=7"], tmp_path / run) as cfg:
-            _, objects = train(cfg)
-        states.append({k: v.clone() for k, v in objects["model"].state_dict().items()})
-    assert states[0].keys() == states[1].keys()
-    for k in states[0]:
-        assert _torch.equal(states[0][k], states[1][k]), k
+def test_same_seed_repeats_a_cpu_run_exactly(seeded_run, tiny_root, tmp_path):
+    _, _, _, first = seeded_run
+    with hydra_config("train", [*_short(tiny_root, 1), "seed=7"], tmp_path) as cfg:
+        _, objects = train(cfg)
+    second = objects["model"].state_dict()
+    assert first.keys() == second.keys()
+    for k in first:
+        assert torch.equal(first[k], second[k]), k
 
 
 @pytest.mark.slow
