@@ -1,6 +1,7 @@
 """``python -m cervspine.pipeline data.root=DIR experiment=NAME``: the whole job, resumable step by step
-(see :mod:`cervspine.jobs.pipeline`). The run folder is stable (``outputs/pipeline/<experiment>``), so
-rerunning the command resumes; it ends with the model card, the metrics and the submission's path."""
+(see :mod:`cervspine.jobs.pipeline`). The run folder is stable (``outputs/pipeline/<experiment>``, or
+``<experiment>_smoke`` with ``smoke=true``), so rerunning the command resumes; it ends with the model card,
+the metrics, and the paths of the evaluation report and the submission."""
 
 from __future__ import annotations
 
@@ -27,8 +28,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     print(f"model card: {write_model_card(cfg, run_dir, metrics)}")
     print_metrics(metrics)
+    report = run_dir / "report" / "report.html"  # the evaluate step's (evaluate.report, default true)
+    report = report if report.is_file() else None
+    print(f"report:     {report or '(none: evaluate.report=false)'}")
     print(f"submission: {result['submission'] or '(no test.csv studies)'}")
-    return {**result, "metrics": metrics}
+    return {**result, "metrics": metrics, "report": report}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="pipeline")

@@ -1,5 +1,6 @@
 """``python -m cervspine.predict``: a Kaggle submission.csv for ``data.root``'s test.csv, or, with
-``study=DIR``, one study's answer (``dicom_out=OUT``: also as DICOM SR + key images); see
+``study=DIR``, one study's answer (``dicom_out=OUT``: also as DICOM SR + key images); the models of
+``run_dir``/``ckpt.*``, or of a bundle (``bundle=B backend=onnxruntime|openvino|torch``); see
 :mod:`cervspine.jobs.predict`. Exits non-zero, listing the studies,
 when any test study could not be scored (no submission is written then)."""
 
@@ -8,23 +9,28 @@ from __future__ import annotations
 import sys
 
 import hydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import cervspine.config  # noqa: F401  (registers resolvers)
 from cervspine import TARGETS
-from cervspine.jobs.operating_point import resolve_thresholds
-from cervspine.jobs.predict import dicom_dir, predict_folder, predict_study_folder, report_dir
+from cervspine.jobs.predict import (
+    dicom_dir,
+    make_predictor,
+    predict_folder,
+    predict_study_folder,
+    report_dir,
+    thresholds_for,
+)
 
 __all__ = ["main", "predict_folder", "predict_study_folder"]
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
-    predictor = instantiate(cfg.predictor)
+    predictor = make_predictor(cfg)
     if cfg.get("study"):
         pred = predict_study_folder(cfg, predictor)
-        thresholds = resolve_thresholds(cfg)[0]
+        thresholds = thresholds_for(cfg)
         limits = thresholds.per_target() if thresholds is not None else [None] * len(TARGETS)
         for t, p, limit in zip(TARGETS, pred.probabilities, limits):
             call = "" if limit is None else ("  fracture suspected" if p > limit else "  not suspected")

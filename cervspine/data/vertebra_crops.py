@@ -34,7 +34,7 @@ import numpy as np
 
 from cervspine import VERTEBRAE
 from cervspine.data.spine import crop_pixels
-from cervspine.data.transforms import WINDOWS, StackSpec, apply_windows, resize_hwc
+from cervspine.data.windows import WINDOWS, StackSpec, apply_windows, resize_hwc
 
 N_VERT = len(VERTEBRAE)
 MASK_MODES = ("none", "box", "auto")

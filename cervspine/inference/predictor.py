@@ -5,50 +5,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
-
-from cervspine import TARGETS
 from cervspine.cache import CachedStudy
 from cervspine.inference.runtime import Runtime
-from cervspine.inference.stage1 import Stage1, Stage1Output, load_stage1
+from cervspine.inference.stage1 import Stage1, load_stage1
 from cervspine.inference.stage2 import Stage2, load_stage2
 from cervspine.runs.layout import stage_checkpoints
-from cervspine.scoring.aggregation import logit_mean
-
-ENSEMBLE_RULE = "ensemble: mean of the members' study logits"
-
-
-@dataclass
-class StudyPrediction:
-    uid: str
-    probabilities: np.ndarray  # (8,) C1..C7, patient_overall
-    slice_table: pd.DataFrame  # per-slice stage-1 output (the stage-1 table's schema)
-    fracture_slices: np.ndarray  # slices scored by (the first) stage 2 (sequence model: the sampled ones)
-    fracture_probs: np.ndarray  # (n, 7) their per-level fracture probabilities
-    timings: dict[str, float]
-    stage2: dict[str, Any] = field(default_factory=dict)  # model-specific details for the study record
-    stage1: Stage1Output | None = field(default=None, repr=False)
-    not_localised: list[str] = field(default_factory=list)  # levels answered by the training prior
-
-    def as_dict(self) -> dict[str, Any]:
-        out = {
-            "StudyInstanceUID": self.uid,
-            **{t: float(p) for t, p in zip(TARGETS, self.probabilities)},
-            "timings_s": self.timings,
-            "not_localised": list(self.not_localised),
-        }
-        if self.not_localised:
-            out["fallback"] = (
-                f"level not localised: {', '.join(self.not_localised)} answered by the training prior"
-            )
-        if self.stage2:
-            out["stage2"] = self.stage2
-        return out
+from cervspine.scoring.answer import (  # noqa: F401  (StudyPrediction, ENSEMBLE_RULE: re-exported)
+    ENSEMBLE_RULE,
+    StudyPrediction,
+    combine_members,
+)
 
 
 class Predictor:
@@ -101,30 +70,8 @@ class Predictor:
                 results.append(member.score(member.inputs(study, s1)))
                 t2 += time.perf_counter() - t0 - results[-1].aggregate_s
                 agg += results[-1].aggregate_s
-        first = results[0]
         timings = {"stage1": t1, "stage2": t2, "aggregate": agg}
-        if len(results) == 1:
-            probs, details = first.probabilities, first.details
-        else:
-            probs = logit_mean(np.stack([r.probabilities for r in results]))
-            members = [
-                {"checkpoint": str(m.checkpoint), **{t: float(v) for t, v in zip(TARGETS, r.probabilities)}}
-                for m, r in zip(self.stage2, results)
-            ]
-            details = {"model": ENSEMBLE_RULE, "members": members}
-        table = s1.frame(study)
-        missing = sorted({v for r in results for v in r.not_localised}, key=str)
-        return StudyPrediction(
-            study.uid,
-            probs,
-            table,
-            first.fracture_slices,
-            first.fracture_probs,
-            timings,
-            details,
-            s1,
-            missing,
-        )
+        return combine_members(study, s1, results, [m.checkpoint for m in self.stage2], timings)
 
 
 def load_predictor(

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from cervspine.cpu import resolve_threads
+
 
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
@@ -31,9 +33,10 @@ def torch_threads(n: int | None) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Runtime:
-    """``num_threads``: torch CPU threads while scoring (None: torch's setting; on a CPU shared with other
-    busy processes, 1 can be several times faster than one per core). ``channels_last``: NHWC
-    convolutions (faster on CPU; the same outputs up to float rounding). ``precision="bf16"`` on CPU is
+    """``num_threads``: torch CPU threads while scoring (None: torch's setting; ``"auto"`` in :meth:`create`,
+    the configs' default: one per core free at start-up, :func:`cervspine.cpu.auto_threads` — on a CPU
+    shared with other busy processes 1 can be several times faster than one per core). ``channels_last``:
+    NHWC convolutions (faster on CPU; the same outputs up to float rounding). ``precision="bf16"`` on CPU is
     faster still where the CPU has bf16 instructions, with probabilities ~1e-4 off (opt-in: "auto" means
     bf16 on CUDA only). experiments/benchmarks/inference.py measures each."""
 
@@ -49,10 +52,10 @@ class Runtime:
         device: str = "auto",
         batch_size: int = 64,
         precision: str = "auto",
-        num_threads: int | None = None,
+        num_threads: int | str | None = None,
         channels_last: bool = False,
     ) -> Runtime:
-        threads = None if num_threads is None else int(num_threads)
+        threads = resolve_threads(num_threads)
         return cls(pick_device(device), int(batch_size), str(precision), threads, bool(channels_last))
 
     def autocast(self) -> torch.autocast:

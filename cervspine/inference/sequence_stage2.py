@@ -18,6 +18,7 @@ from cervspine.inference.runtime import Runtime
 from cervspine.inference.stage1 import Stage1Output
 from cervspine.inference.stage2 import Stage2Result, register_stage2
 from cervspine.models.sequence import VertebraSequenceClassifier
+from cervspine.scoring.answer import prior_result, sequence_result
 
 
 @dataclass
@@ -62,27 +63,13 @@ class SequenceStage2(TrainedStage):
         """``fracture_slices``: the sampled slices (sorted, unique); ``fracture_probs[i, v]``: vertebra v's
         probability where slice i was sampled for v, else 0. Absent vertebrae get the training prior (the
         model's own rule), every target does when stage 1 found none."""
-        missing = [v for v, ok in zip(VERTEBRAE, inputs.present) if not ok]
         if not inputs.present.any():
-            empty = np.zeros((0, len(VERTEBRAE)), dtype=np.float32)
-            prior = self.model.training_prior().astype(np.float32)
-            return Stage2Result(prior, np.zeros(0, dtype=np.int64), empty, not_localised=missing)
+            missing = [v for v, ok in zip(VERTEBRAE, inputs.present) if not ok]
+            return prior_result(self.model.training_prior(), missing)
         x = torch.from_numpy(inputs.images).to(self.runtime.device)
         with self.runtime.autocast():
             probs = self.model.predict_study(x, torch.from_numpy(inputs.present).to(self.runtime.device))
-        slices = inputs.slices
-        details = {
-            "model": "VertebraSequenceClassifier",
-            "vertebrae": {
-                v: {"probability": float(probs[i]), **e.as_dict(), "slices": slices[i].tolist()}
-                for i, (v, e) in enumerate(zip(VERTEBRAE, inputs.extents))
-            },
-        }
-        z = np.unique(slices[slices >= 0])
-        per_slice = np.zeros((len(z), len(VERTEBRAE)), dtype=np.float32)
-        for v in range(len(VERTEBRAE)):
-            per_slice[np.isin(z, slices[v]), v] = probs[v]
-        return Stage2Result(probs, z, per_slice, details, not_localised=missing)
+        return sequence_result(probs, inputs.slices, [e.as_dict() for e in inputs.extents], inputs.present)
 
     def explain(
         self, study: CachedStudy, stage1: Stage1Output, slices: np.ndarray, levels: list[int]

@@ -9,18 +9,11 @@ import numpy as np
 import torch
 
 from cervspine.cache import CachedStudy
-from cervspine.data.transforms import StackSpec, apply_windows, resize_hwc
+from cervspine.data.windows import StackSpec, stack_slices, windowed_volume
 from cervspine.inference.checkpoints import TrainedStage, load_module
 from cervspine.inference.runtime import Runtime
 from cervspine.inference.stage1 import Stage1Output, register_stage1
 from cervspine.models.vertebrae import VertebraeDetector
-
-
-def stack_channels(win: torch.Tensor, z: np.ndarray, offsets: np.ndarray) -> torch.Tensor:
-    """(Z, nW, S, S) windowed volume → (B, nW·K, S, S) 2.5D stacks of slices ``z``, window-major."""
-    idx = np.clip(z[:, None] + offsets[None, :], 0, win.shape[0] - 1)
-    x = win[torch.as_tensor(idx)]  # (B, K, nW, S, S)
-    return x.transpose(1, 2).reshape(len(z), -1, *win.shape[2:])
 
 
 @register_stage1("VertebraeDetector")
@@ -46,15 +39,11 @@ class SliceStage1(TrainedStage):
 
     @torch.inference_mode()
     def _run(self, study: CachedStudy) -> Stage1Output:
-        size, offsets = self.stack.input_size, self.stack.offsets
-        win = apply_windows(study.volume, self.stack.hu_windows, axis=1)  # (Z, nW, H, W), once per study
-        if win.shape[2:] != (size, size):
-            win = np.stack([resize_hwc(w.transpose(1, 2, 0), size).transpose(2, 0, 1) for w in win])
-        win_t = torch.from_numpy(win)
+        win = windowed_volume(study.volume, self.stack)  # (Z, nW, S, S), once per study
         vis, boxes = [], []
         for start in range(0, study.num_slices, self.runtime.batch_size):
             z = np.arange(start, min(start + self.runtime.batch_size, study.num_slices))
-            x = stack_channels(win_t, z, offsets).to(self.runtime.device)
+            x = torch.from_numpy(stack_slices(win, z, self.stack.offsets)).to(self.runtime.device)
             with self.runtime.autocast():
                 logits, box = self.model(x)
             vis.append(torch.sigmoid(logits.float()).cpu().numpy())

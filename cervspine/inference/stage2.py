@@ -9,7 +9,7 @@ into the 8 study probabilities (:meth:`Stage2.score`), and may explain a few sli
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,24 +19,7 @@ from cervspine.cache import CachedStudy
 from cervspine.inference.checkpoints import model_class_name, read_checkpoint
 from cervspine.inference.runtime import Runtime
 from cervspine.inference.stage1 import Stage1Output
-
-
-@dataclass
-class Stage2Result:
-    """One model's answer for one study.
-
-    ``fracture_slices``/``fracture_probs`` (n, 7): the slices the model looked at and their per-level
-    fracture probabilities (what the reports draw key slices from). ``details``: model-specific facts
-    for the study record (JSON-able). ``not_localised``: the levels stage 1 did not find, whose
-    probability is the training prior (never an error: the study is still answered).
-    """
-
-    probabilities: np.ndarray  # (8,) C1..C7, patient_overall
-    fracture_slices: np.ndarray
-    fracture_probs: np.ndarray
-    details: dict[str, Any] = field(default_factory=dict)
-    aggregate_s: float = 0.0  # seconds of slice → study aggregation (timed apart from the model)
-    not_localised: list[str] = field(default_factory=list)  # levels answered by the training prior
+from cervspine.scoring.answer import Stage2Result  # noqa: F401  (re-exported: its home before)
 
 
 @dataclass

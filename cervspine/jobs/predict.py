@@ -12,24 +12,20 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import pandas as pd
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from cervspine import TARGETS
 from cervspine.cache import CachedStudy, CacheParams, InMemoryStudy, preprocess
-from cervspine.data.stage1_table import vertebra_extents
 from cervspine.inference import Predictor, StudyPrediction
 from cervspine.io import load_study
 from cervspine.io.atomic import write_csv_atomic, write_json_atomic
 from cervspine.io.rsna import RsnaIndex, is_synthetic
 from cervspine.jobs.cache import cache_for
 from cervspine.jobs.operating_point import resolve_thresholds
-from cervspine.scoring.competition import PROBABILITY_EPS
-from cervspine.scoring.thresholds import OperatingThreshold, calls_record
+from cervspine.jobs.records import study_record, submission_frame  # noqa: F401  (re-exported)
+from cervspine.scoring.thresholds import OperatingThreshold
 
 log = logging.getLogger(__name__)
 
@@ -43,28 +39,33 @@ class PredictResult:
     reports: dict[str, Path] = field(default_factory=dict)
 
 
-def study_record(pred: StudyPrediction, thresholds: OperatingThreshold | None = None) -> dict[str, Any]:
-    extents = vertebra_extents(pred.slice_table).drop(columns="StudyInstanceUID")
-    return {
-        **pred.as_dict(),
-        "vertebra_extents": extents.to_dict(orient="records"),
-        "operating_point": calls_record(thresholds, pred.probabilities),
-    }
-
-
-def submission_frame(test: pd.DataFrame, predictions: dict[str, np.ndarray]) -> pd.DataFrame:
-    """test.csv rows → (row_id, fractured), probabilities strictly inside (0, 1)."""
-    col = {t: i for i, t in enumerate(TARGETS)}
-    values = [
-        float(predictions[u][col[t]]) for u, t in zip(test["StudyInstanceUID"], test["prediction_type"])
-    ]
-    fractured = np.clip(values, PROBABILITY_EPS, 1 - PROBABILITY_EPS)
-    return pd.DataFrame({"row_id": test["row_id"].to_numpy(), "fractured": fractured})
-
-
 def report_dir(cfg: DictConfig, uid: str) -> Path:
     """Where one study's report goes: ``<output_dir>/study_reports/<uid>/`` (``report.html`` and PNGs)."""
     return Path(cfg.paths.output_dir) / "study_reports" / uid
+
+
+def make_predictor(cfg: DictConfig):
+    """``cfg.predictor`` (run_dir / ckpt.*), or with ``bundle=B`` that bundle on ``backend``
+    (onnxruntime by default, openvino, or torch: the checkpoints the bundle holds)."""
+    if not cfg.get("bundle"):
+        return instantiate(cfg.predictor)
+    from cervspine.bundle.predictor import load_bundle_predictor
+
+    p = cfg.predictor
+    runtime = {"num_threads": p.get("num_threads"), "batch_size": p.get("batch_size")}
+    backend = cfg.get("backend") or "onnxruntime"
+    if backend == "torch":
+        runtime.update(device=p.get("device", "auto"), channels_last=bool(p.get("channels_last")))
+    return load_bundle_predictor(cfg.bundle, backend, p.get("precision", "auto"), **runtime)
+
+
+def thresholds_for(cfg: DictConfig) -> OperatingThreshold | None:
+    """:func:`resolve_thresholds`'s; with ``bundle=`` and no threshold given, the bundle's operating point."""
+    if cfg.get("bundle") and cfg.get("report_threshold") is None and not cfg.get("operating_point"):
+        from cervspine.bundle.predictor import bundle_thresholds
+
+        return bundle_thresholds(cfg.bundle)
+    return resolve_thresholds(cfg)[0]
 
 
 def write_report(
@@ -79,7 +80,7 @@ def _study_report(
 ):
     from cervspine.report.study import write_study_report
 
-    threshold = resolve_thresholds(cfg)[0]
+    threshold = thresholds_for(cfg)
     out = report_dir(cfg, pred.uid)
     return write_study_report(out, study, pred, predictor, synthetic=synthetic, threshold=threshold)
 
@@ -97,14 +98,14 @@ def is_synthetic_study(cfg: DictConfig, predictor: Predictor) -> bool:
     if cfg.get("synthetic") is not None:
         return bool(cfg.synthetic)
     in_generated = any(is_synthetic(a) for a in Path(cfg.study).resolve().parents[:2])
-    return in_generated or trained_on_synthetic(predictor)
+    return in_generated or trained_on_synthetic(predictor) or bool(getattr(predictor, "synthetic", False))
 
 
 def predict_study_folder(cfg: DictConfig, predictor: Predictor | None = None) -> StudyPrediction:
     """One DICOM folder (``cfg.study``), read and scored in memory (nothing is written to the cache);
     ``dicom_out`` adds its DICOM results (SR + key images, :mod:`cervspine.dicom`) and its report."""
-    thresholds = resolve_thresholds(cfg)[0]  # a named error before any work when a given one is missing
-    predictor = predictor or instantiate(cfg.predictor)
+    thresholds = thresholds_for(cfg)  # a named error before any work when a given one is missing
+    predictor = predictor or make_predictor(cfg)
     source = load_study(cfg.study)
     study = InMemoryStudy(source, CacheParams(image_size=predictor.image_size))
     pred = predictor.predict(study)
@@ -126,11 +127,11 @@ def predict_folder(cfg: DictConfig, predictor: Predictor | None = None) -> Predi
     index = RsnaIndex.from_root(cfg.data.root, exclude=tuple(cfg.data.exclude), require_images=False)
     if index.test is None or not len(index.test):
         raise FileNotFoundError(f"{cfg.data.root}: no test.csv rows to predict")
-    predictor = predictor or instantiate(cfg.predictor)
+    predictor = predictor or make_predictor(cfg)
     out = Path(cfg.paths.output_dir)
     cache_dir, params = cache_for(cfg.data, predictor.image_size)
     synthetic = is_synthetic(cfg.data.root)
-    thresholds = resolve_thresholds(cfg)[0]
+    thresholds = thresholds_for(cfg)
     result = PredictResult()
     uids = list(dict.fromkeys(index.test["StudyInstanceUID"]))
     for u in uids:

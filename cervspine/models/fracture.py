@@ -21,6 +21,7 @@ from cervspine.scoring.calibration import (
     IDENTITY,
     NO_SHRINK,
     StudyCalibration,
+    calibrate_study,
     cross_fitted,
     shrink,
     shrink_weights,
@@ -181,9 +182,8 @@ class FractureClassifier(StudyValidation, OptimizedModule):
     def calibrate(self, study_probs: np.ndarray) -> np.ndarray:
         """(n, 8) aggregated study probabilities → calibrated ones (identity before any validation), pulled
         toward the training prior by the fold's shrink weights."""
-        cal = StudyCalibration(tuple(float(v) for v in self.study_calibration.tolist()))
-        weights = tuple(float(v) for v in self.calibration_shrink.tolist())
-        return np.clip(shrink(cal(study_probs), self.training_prior(), weights), DEFAULT_EPS, 1 - DEFAULT_EPS)
+        params, weights = tuple(self.study_calibration.tolist()), tuple(self.calibration_shrink.tolist())
+        return calibrate_study(study_probs, params, weights, self.training_prior())
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         out = self(batch["image"], batch.get("meta"))

@@ -25,7 +25,7 @@ from cervspine.models.backbones import BackboneSpec, build_backbone, fast_backbo
 from cervspine.models.losses import weighted_bce
 from cervspine.models.optim import OptimizedModule, SchedulerFactory
 from cervspine.models.study_validation import StudyValidation
-from cervspine.scoring.aggregation import vertebra_rows
+from cervspine.scoring.aggregation import sequence_study, vertebra_rows
 from cervspine.scoring.competition import OVERALL_WEIGHTS, PROBABILITY_EPS, RSNA_PREVALENCE, VERTEBRA_WEIGHTS
 from cervspine.scoring.table import StudyPredictions
 
@@ -221,17 +221,8 @@ class VertebraSequenceClassifier(StudyValidation, OptimizedModule):
         """(7, N, C, S, S) sequences and (7,) presence of one study → (8,) C1..C7, patient_overall."""
         vertebra = torch.arange(N_VERT, device=image.device).unsqueeze(0)
         p, o = self._probs(self(image.unsqueeze(0), vertebra, present.unsqueeze(0)))
-        probs = p[0].cpu().numpy()
         overall = None if o is None else o.cpu().numpy()
-        preds, _ = vertebra_rows(
-            probs,
-            present.float().cpu().numpy(),
-            np.arange(N_VERT),
-            np.zeros(N_VERT),
-            self.prior.cpu().numpy(),
-            None if overall is None else np.repeat(overall, N_VERT),
-        )
-        return preds[0]
+        return sequence_study(p[0].cpu().numpy(), present.cpu().numpy(), self.prior.cpu().numpy(), overall)
 
 
 def load_encoder(encoder: nn.Module, path: str) -> None:

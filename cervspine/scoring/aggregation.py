@@ -270,6 +270,19 @@ def vertebra_rows(
     return np.stack(rows), seen
 
 
+def sequence_study(
+    probs: np.ndarray, present: np.ndarray, prior: np.ndarray, overall: float | np.ndarray | None = None
+) -> np.ndarray:
+    """One study's (8,) from the sequence model's 7 vertebra probabilities (``present`` (7,): the levels
+    stage 1 found; the others get ``prior``) and its study head's ``overall`` (None: the noisy-or)."""
+    n = N_VERTEBRAE
+    over = None if overall is None else np.repeat(np.asarray(overall, dtype=np.float64).reshape(-1)[:1], n)
+    preds, _ = vertebra_rows(
+        probs, np.asarray(present, dtype=np.float32), np.arange(n), np.zeros(n), prior, over
+    )
+    return preds[0]
+
+
 def logit_mean(study_probs: np.ndarray, eps: float = DEFAULT_EPS) -> np.ndarray:
     """(m, 8) study probabilities of m models → (8,) ``sigmoid(mean_m logit(p))`` (an ensemble's answer),
     each clipped to [eps, 1 − eps] first."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import minimize
 
-from cervspine.scoring.metrics import competition_weights
+from cervspine.scoring.competition import PROBABILITY_EPS, competition_weights
 
 IDENTITY = (1.0, 0.0, 1.0, 0.0)
 _EPS = 1e-6
@@ -143,3 +143,17 @@ def shrink(y_pred: np.ndarray, prior: np.ndarray, weights: tuple[float, float]) 
         return p
     s = np.array([s_v] * 7 + [s_o])
     return _sigmoid((1 - s) * _logit(p) + s * _logit(np.asarray(prior, dtype=np.float64)))
+
+
+def calibrate_study(
+    study_probs: np.ndarray,
+    params: tuple[float, float, float, float],
+    weights: tuple[float, float],
+    prior: np.ndarray,
+) -> np.ndarray:
+    """(n, 8) aggregated study probabilities → calibrated by the Platt ``params``, pulled toward ``prior`` by
+    the shrink ``weights``, clipped to the competition's range: the slice model's study calibration (the
+    checkpoint's buffers, or a bundle's manifest)."""
+    cal = StudyCalibration(tuple(float(v) for v in params))  # type: ignore[arg-type]
+    pulled = shrink(cal(study_probs), prior, tuple(float(v) for v in weights))  # type: ignore[arg-type]
+    return np.clip(pulled, PROBABILITY_EPS, 1 - PROBABILITY_EPS)

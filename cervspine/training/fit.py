@@ -61,8 +61,40 @@ def _prepare_wandb(cfg: DictConfig, output_dir: Path, resuming: bool) -> None:
                 wb.resume = "allow"
 
 
+class NoGpuError(RuntimeError):
+    """A recipe asks for CUDA devices this machine does not have."""
+
+
+def check_accelerator(cfg: DictConfig, where: str = "") -> None:
+    """Refuse, naming the override that runs it on the CPU, a GPU recipe on a machine without (enough)
+    CUDA devices, before anything is built (Lightning's own error comes later and names no override)."""
+    trainer = cfg.get("trainer") or {}
+    accelerator = str(trainer.get("accelerator", "auto")).lower()
+    if accelerator not in ("gpu", "cuda"):
+        return
+    import torch
+
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    name = cfg.get("experiment_name") or "this recipe"
+    where = where or "add"
+    if found == 0:
+        raise NoGpuError(
+            f"{name} trains on a GPU (trainer.accelerator={accelerator}) and this machine has no CUDA device "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}): {where} trainer=cpu (or "
+            "trainer.accelerator=cpu trainer.precision=32-true) to train on the CPU, slowly at the recipe's "
+            "sizes; `python -m cervspine.pipeline ... smoke=true` runs a whole job shrunk to minutes on a CPU"
+        )
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices > found:
+        raise NoGpuError(
+            f"{name}: trainer.devices={devices} but this machine has {found} CUDA device(s): "
+            f"{where} trainer.devices={found}"
+        )
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit ``cfg.model`` on ``cfg.data``; returns (metrics, objects). Tests call this directly."""
+    check_accelerator(cfg)
     patch_lightning_hydra_ddp()
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)

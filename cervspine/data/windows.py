@@ -1,0 +1,114 @@
+"""CT windows, 2.5D stacks and resizing: the torch-free half of the input building (also what a model
+bundle's runtime uses, :mod:`cervspine.bundle`). :mod:`cervspine.data.transforms` re-exports it next to
+the augmentation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+# (low, high) HU. Bone window L=400 W=1800; soft tissue L=40 W=400; wide L=300 W=3000 (our names).
+WINDOWS = {"bone": (-500.0, 1300.0), "soft": (-160.0, 240.0), "wide": (-1200.0, 1800.0)}
+
+
+def resolve_windows(windows: Sequence[str | Sequence[float]]) -> list[tuple[float, float]]:
+    """Window names or explicit (low, high) pairs → (low, high) pairs."""
+    out = []
+    for w in windows:
+        if isinstance(w, str):
+            if w not in WINDOWS:
+                raise ValueError(f"unknown CT window {w!r}; known: {sorted(WINDOWS)} or a [low, high] pair")
+            out.append(WINDOWS[w])
+        else:
+            low, high = (float(x) for x in w)
+            if high <= low:
+                raise ValueError(f"window {w!r}: high must exceed low")
+            out.append((low, high))
+    return out
+
+
+def context_offsets(context: int, stride: int) -> np.ndarray:
+    """Slice offsets of a 2.5D stack: ``context`` neighbours each side, ``stride`` slices apart."""
+    return np.arange(-context, context + 1) * stride
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    """A stage's 2.5D input: ``context`` neighbours each side ``stride`` slices apart, CT ``windows``,
+    resized to ``input_size``. The defaults are the DataModules' (one copy, read back from checkpoints)."""
+
+    input_size: int = 128
+    context: int = 1
+    stride: int = 1
+    windows: tuple = ("bone",)
+
+    @classmethod
+    def from_hparams(cls, hp: Mapping[str, Any]) -> StackSpec:
+        d = cls()
+        return cls(
+            int(hp.get("input_size", d.input_size)),
+            int(hp.get("context", d.context)),
+            int(hp.get("stride", d.stride)),
+            tuple(hp.get("windows", d.windows)),
+        )
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return context_offsets(self.context, self.stride)
+
+    @property
+    def hu_windows(self) -> list[tuple[float, float]]:
+        return resolve_windows(list(self.windows))
+
+    @property
+    def channels(self) -> int:
+        return len(self.offsets) * len(self.windows)
+
+
+def apply_windows(hu: np.ndarray, windows: Sequence[tuple[float, float]], axis: int = 0) -> np.ndarray:
+    """HU values → float32 in [0, 1] per window, the windows along a new ``axis`` (the one copy of CT
+    windowing: slice datasets, crop sequences and inference all call it)."""
+    hu = np.asarray(hu, dtype=np.float32)
+    shape = list(hu.shape)
+    shape.insert(axis, len(windows))
+    out = np.empty(shape, dtype=np.float32)  # contiguous in the layout asked for
+    per_window = np.moveaxis(out, axis, 0)
+    for i, (lo, hi) in enumerate(windows):
+        np.clip((hu - lo) / (hi - lo), 0.0, 1.0, out=per_window[i])
+    return out
+
+
+def window_stack(hu: np.ndarray, windows: Sequence[tuple[float, float]]) -> np.ndarray:
+    """(K, H, W) HU → (H, W, K·len(windows)) float32 in [0, 1], window-major channel order."""
+    win = apply_windows(hu, windows)  # (nW, K, H, W)
+    return np.ascontiguousarray(win.reshape(-1, *win.shape[2:]).transpose(1, 2, 0))
+
+
+def resize_hwc(img: np.ndarray, size: int) -> np.ndarray:
+    """Resize (H, W, C) to (size, size, C) keeping the channel axis for any C."""
+    if img.shape[:2] == (size, size):
+        return img
+    interp = cv2.INTER_AREA if img.shape[0] > size else cv2.INTER_LINEAR
+    chans = [cv2.resize(img[..., c], (size, size), interpolation=interp) for c in range(img.shape[2])]
+    return np.stack(chans, axis=-1)
+
+
+def windowed_volume(volume: np.ndarray, stack: StackSpec) -> np.ndarray:
+    """(Z, H, W) HU → (Z, nW, S, S) float32 windowed and resized to ``stack.input_size`` (once per study)."""
+    win = apply_windows(volume, stack.hu_windows, axis=1)
+    size = stack.input_size
+    if win.shape[2:] != (size, size):
+        win = np.stack([resize_hwc(w.transpose(1, 2, 0), size).transpose(2, 0, 1) for w in win])
+    return win
+
+
+def stack_slices(win: np.ndarray, z: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """(Z, nW, S, S) windowed volume → (B, nW·K, S, S) 2.5D stacks of slices ``z``, window-major (the
+    neighbours ``z + offsets`` clamped at the scan's ends)."""
+    idx = np.clip(np.asarray(z)[:, None] + np.asarray(offsets)[None, :], 0, win.shape[0] - 1)
+    x = win[idx]  # (B, K, nW, S, S)
+    return np.ascontiguousarray(x.transpose(0, 2, 1, 3, 4).reshape(len(idx), -1, *win.shape[2:]))
