@@ -74,21 +74,14 @@ def _lrs(sched, opt: torch.optim.Optimizer, total: int) -> list[float]:
     return out
 
 
-REMAINDER_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="bug: when trainer.estimated_stepping_batches is not a multiple of max_epochs (trainer.max_steps "
-    "below max_epochs x batches, e.g. max_steps=7, max_epochs=2), OptimizedModule.configure_optimizers "
-    "(cervspine/models/optim.py) passes updates_per_epoch=total // epochs and warmup_cosine rebuilds "
-    "total = num_epochs * updates_per_epoch: t_initial 6 instead of the old 7, the cosine ends early",
-)
 SETTINGS = [  # (estimated_stepping_batches, max_epochs, scheduler options beyond the config's defaults)
     (40, 4, {}),
     (40, 4, {"cycles": 2}),
     (35, 5, {"cycles": 2, "warmup_epochs": 1.0}),  # 7 updates per epoch, 17-update cycles
     (21, 3, {"cycles": 3, "cycle_decay": 0.7, "warmup_epochs": 0.3}),
     (1, 1, {}),
-    pytest.param(7, 2, {}, marks=REMAINDER_BUG, id="7-2-max_steps"),
-    pytest.param(10, 3, {"cycles": 2}, marks=REMAINDER_BUG, id="10-3-max_steps-cycles2"),
+    pytest.param(7, 2, {}, id="7-2-max_steps"),  # max_steps below max_epochs x batches: the exact count
+    pytest.param(10, 3, {"cycles": 2}, id="10-3-max_steps-cycles2"),
 ]
 
 
@@ -316,12 +309,6 @@ def test_the_pipelines_evaluate_overrides_reach_the_evaluate_step(tiny_root, tmp
     assert OmegaConf.to_container(configs["predict"].predictor, resolve=True)["num_threads"] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: cervspine/jobs/pipeline.py task_config sets the TASK_KEYS (device, batch_size, workers, "
-    "n_bootstrap) from the pipeline after composing <task>.overrides, so an override of one of them in "
-    "evaluate.overrides/predict.overrides is silently replaced by the pipeline's value",
-)
 def test_a_shared_setting_in_evaluate_overrides_reaches_the_evaluate_step(tiny_root, tmp_path):
     configs = _task_configs(tiny_root, tmp_path, 'evaluate.overrides=["n_bootstrap=7"]', "n_bootstrap=20")
     assert configs["evaluate"].n_bootstrap == 7

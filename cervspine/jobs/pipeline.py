@@ -78,8 +78,10 @@ def task_config(cfg: DictConfig, task: str, run_dir: Path, stage1: Path, stage2:
     task_cfg = compose(config_name=task, overrides=extra)
     with open_dict(task_cfg):
         task_cfg.data = OmegaConf.to_container(cfg.data, resolve=True)
+        overridden = {o.lstrip("+").split("=", 1)[0] for o in extra}  # the task's own overrides win
         for key in TASK_KEYS:
-            task_cfg[key] = cfg[key]
+            if key not in overridden:
+                task_cfg[key] = cfg[key]
         task_cfg.run_dir = str(run_dir)
         task_cfg.ckpt = {"stage1": str(stage1), "stage2": [str(p) for p in stage2]}
         task_cfg.paths.output_dir = str(run_dir)

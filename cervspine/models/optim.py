@@ -11,6 +11,7 @@ warmup and restarts, sized from ratios of the base learning rate.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,6 +27,7 @@ def warmup_cosine(
     num_epochs: int,
     updates_per_epoch: int,
     *,
+    total_updates: int | None = None,
     warmup_epochs: float = 0.0,
     cycles: int = 1,
     cycle_decay: float = 1.0,
@@ -34,9 +36,10 @@ def warmup_cosine(
 ) -> CosineLRScheduler:
     """Cosine decay over ``num_epochs × updates_per_epoch`` optimizer updates in ``cycles`` equal cycles
     (restarts = cycles − 1, each peak ``cycle_decay`` × the last), after ``warmup_epochs`` of linear
-    warmup from ``warmup_lr_ratio`` × lr; the floor is ``min_lr_ratio`` × lr."""
+    warmup from ``warmup_lr_ratio`` × lr; the floor is ``min_lr_ratio`` × lr. ``total_updates``: the exact
+    count where it is not a multiple of the epochs (``trainer.max_steps`` cutting the last epoch short)."""
     per_epoch = max(int(updates_per_epoch), 1)
-    total = max(int(num_epochs) * per_epoch, 1)
+    total = max(int(total_updates or int(num_epochs) * per_epoch), 1)
     cycles = max(int(cycles), 1)
     base_lr = optimizer.param_groups[0]["lr"]
     return CosineLRScheduler(
@@ -72,7 +75,8 @@ class OptimizedModule(L.LightningModule):
             return opt
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         epochs = max(int(self.trainer.max_epochs or 1), 1)
-        sched = factory(opt, num_epochs=epochs, updates_per_epoch=max(total // epochs, 1))
+        exact = {"total_updates": total} if "total_updates" in inspect.signature(factory).parameters else {}
+        sched = factory(opt, num_epochs=epochs, updates_per_epoch=max(total // epochs, 1), **exact)
         if isinstance(sched, tuple):  # timm's create_scheduler_v2: (scheduler, epochs)
             sched = sched[0]
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
