@@ -7,8 +7,9 @@ Every step runs a real config: each stage's train config is composed from its re
 ``conf/predict.yaml``; the pipeline hands them its data settings and its trained checkpoints as config
 values (merged, never retyped as override strings). ``smoke=true`` shrinks the same job to minutes on a CPU
 (``smoke_overrides``: merged into the pipeline config, appended to every stage's and task's overrides);
-``stages_overrides`` reach every stage (``[trainer=ddp,trainer.devices=4]``: a stage with more than one
-device trains in a ``python -m cervspine.train`` subprocess, where Lightning's DDP launcher belongs).
+``stages_overrides`` reach every stage (``'stages_overrides=["trainer=ddp","trainer.devices=4"]'``, each
+item quoted: a stage with more than one device trains in a ``python -m cervspine.train`` subprocess, where
+Lightning's DDP launcher belongs).
 Before preprocessing anything, every stage is checked (GPU, pretrained weights) and the cache folder's
 parameters against the run's (:func:`preflight`, :func:`check_cache_params`).
 """
