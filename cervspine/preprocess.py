@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> PreprocessReport:
     """Entry point body, called by tests and the pipeline."""
     index = RsnaIndex.from_root(cfg.data.root, exclude=tuple(cfg.data.exclude))
-    params = CacheParams(image_size=cfg.data.image_size, segmentation_method=cfg.data.segmentation_method)
+    params = CacheParams.from_config(cfg.data)
     report = preprocess(
         index,
         Path(cfg.data.cache_dir),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 import sys
@@ -91,6 +92,8 @@ def preprocess(
             report.skipped.append(job.uid)
         else:
             todo.append(job)
+    if report.skipped:
+        _note_storage(cache_dir / report.skipped[0], params)
     columns = (TextColumn("preprocess"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress, transient=False) as bar:
         task = bar.add_task("studies", total=len(todo))
@@ -105,6 +108,25 @@ def preprocess(
                     _record(report, futures[fut], fut.result)
                     bar.advance(task)
     return report
+
+
+def _note_storage(entry: Path, params: CacheParams) -> None:
+    """Say so when current entries are stored otherwise than this run asks: kept (a lossless codec
+    changes no voxel), and how to re-store them."""
+    try:
+        stored = json.loads((entry / "meta.json").read_text()).get("storage", {}).get("volume", {})
+    except (OSError, json.JSONDecodeError):
+        return
+    codec = stored.get("codec", "none")
+    if codec != params.compression:
+        log.warning(
+            "%s: current entries are stored as %s, this run asks %s: kept (lossless storage, the same "
+            "voxels); new entries are stored as %s. Delete the folder to re-store every entry",
+            entry.parent,
+            codec,
+            params.compression,
+            params.compression,
+        )
 
 
 def _die_with_parent() -> None:

@@ -4,7 +4,12 @@ Layout of ``<cache_dir>/<uid>/``:
 
 - ``volume.npy``  int16 HU (Z, H, W), superior first, in-plane resized to ``image_size`` (memory-mappable)
 - ``seg.npy``     uint8 labels (Z, H, W) aligned with the volume (only when a segmentation exists)
-- ``meta.json``   geometry, DICOM metadata, per-slice vertebra fractions and spine boxes, the fingerprint
+- ``meta.json``   geometry, DICOM metadata, per-slice vertebra fractions and spine boxes, the fingerprint,
+  how the arrays are stored (``storage``)
+
+With ``compression`` other than none the arrays are ``volume.cvol`` / ``seg.cvol`` instead: each slice
+compressed on its own (the volume with that codec, the labels with zstd), see
+:mod:`cervspine.cache.compressed`; :class:`~cervspine.cache.study.CachedStudy` reads either form.
 
 An entry is written into a temporary sibling folder and renamed into place, so a reader never sees a
 half-written entry; ``meta.json`` is written last and its fingerprint (source files + parameters + cache
@@ -22,7 +27,10 @@ from typing import Any
 import cv2
 import numpy as np
 
+from cervspine.cache.compressed import SUFFIX, write_volume
 from cervspine.cache.params import HU_MAX, HU_MIN, N_VERT, CacheParams, source_fingerprint
+
+ARRAY_NAMES = ("volume", "seg")
 
 
 def resize_stack(stack: np.ndarray, size: int | None, *, nearest: bool = False) -> np.ndarray:
@@ -89,6 +97,29 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
         np.save(f, np.ascontiguousarray(arr))
         f.flush()
         os.fsync(f.fileno())
+
+
+def save_array(folder: Path, name: str, arr: np.ndarray, params: CacheParams) -> dict[str, Any]:
+    """``<name>.npy`` (compression none) or ``<name>.cvol``; returns how it was stored (for meta.json)."""
+    if params.compression == "none":
+        _save_npy(folder / f"{name}.npy", arr)
+        return {"file": f"{name}.npy", "codec": "none", "stored_bytes": int(arr.nbytes)}
+    codec, max_error = (params.compression, params.max_error_hu) if name == "volume" else ("zstd", 0)
+    head = write_volume(folder / f"{name}{SUFFIX}", arr, codec, max_error=max_error)
+    return {
+        "file": f"{name}{SUFFIX}",
+        "codec": codec,
+        "max_error": max_error,
+        "stored_bytes": head["stored_bytes"],
+    }
+
+
+def array_path(entry: Path, name: str) -> Path | None:
+    """The stored file of array ``name`` (volume, seg) of an entry, either form; None if absent."""
+    for p in (entry / f"{name}.npy", entry / f"{name}{SUFFIX}"):
+        if p.is_file():
+            return p
+    return None
 
 
 def cached_volume(study, params: CacheParams) -> np.ndarray:
@@ -162,14 +193,15 @@ def build_entry(
         volume = cached_volume(study, params)
         meta = study_meta(study, params, uid=uid, split=split, shape=volume.shape)
         meta["fingerprint"] = fingerprint
-        _save_npy(tmp / "volume.npy", volume)
+        meta["storage"] = {"volume": save_array(tmp, "volume", volume, params)}
         del volume
         if seg_path is not None:
             seg = load_segmentation(seg_path, study, method=params.segmentation_method)
             meta["has_segmentation"] = True
             meta["vertebra_area"] = vertebra_areas(seg).tolist()
             meta["spine_box"] = _nan_to_none(spine_boxes(seg))
-            _save_npy(tmp / "seg.npy", resize_stack(seg, params.image_size, nearest=True))
+            seg = resize_stack(seg, params.image_size, nearest=True)
+            meta["storage"]["seg"] = save_array(tmp, "seg", seg, params)
         with open(tmp / "meta.json", "w") as f:
             json.dump(meta, f)
             f.flush()
@@ -205,7 +237,7 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 def entry_is_current(entry: Path, fingerprint: str) -> bool:
     """True when a complete entry with this fingerprint exists."""
     meta = entry / "meta.json"
-    if not (meta.is_file() and (entry / "volume.npy").is_file()):
+    if not (meta.is_file() and array_path(entry, "volume") is not None):
         return False
     try:
         return json.loads(meta.read_text()).get("fingerprint") == fingerprint

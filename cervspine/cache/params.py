@@ -16,15 +16,66 @@ HU_MIN, HU_MAX = -1024, 3071
 N_VERT = len(VERTEBRAE)
 
 
+# Parameters added after caches existed: left out of key() at these values, so the fingerprints of entries
+# built before them stay current (and read back with these values by key_differences).
+_LATER_DEFAULTS: dict[str, Any] = {"max_error_hu": 0}
+
+
 @dataclass(frozen=True)
 class CacheParams:
-    """What the cache content depends on besides the source files."""
+    """What the cache content depends on besides the source files, and how the volumes are stored.
+
+    ``compression`` (none | zstd | htj2k | jpegls, see :mod:`cervspine.cache.compressed`) is storage,
+    not content: a lossless codec changes no voxel, so it is not part of :meth:`key` and an entry stored
+    one way is current for a run that asks another (no rebuild of the full set because a later
+    ``predict`` ran with the default). ``max_error_hu`` > 0 (near-lossless JPEG-LS, every voxel within
+    that many HU) does change the content and is part of the key.
+    """
 
     image_size: int | None = 256  # in-plane size after resizing; None keeps the original matrix
     segmentation_method: str = "auto"
+    compression: str = "none"
+    max_error_hu: int = 0
+
+    def __post_init__(self) -> None:
+        from cervspine.cache.compressed import check_codec
+
+        check_codec(self.compression, self.max_error_hu)
+
+    @classmethod
+    def from_config(cls, data: Any, **override: Any) -> CacheParams:
+        """The parameters a ``data`` config asks for (``image_size``, ``segmentation_method``,
+        ``cache_compression``, ``cache_max_error_hu``); ``override`` wins (e.g. the checkpoints' size)."""
+        get = data.get if hasattr(data, "get") else lambda k, d=None: getattr(data, k, d)
+        values = {
+            "image_size": get("image_size", 256),
+            "segmentation_method": get("segmentation_method", "auto") or "auto",
+            "compression": get("cache_compression", "none") or "none",
+            "max_error_hu": int(get("cache_max_error_hu", 0) or 0),
+        }
+        values.update(override)
+        if values["image_size"] is not None:
+            values["image_size"] = int(values["image_size"])
+        return cls(**values)
 
     def key(self) -> dict[str, Any]:
-        return {**asdict(self), "version": CACHE_VERSION}
+        """What an entry's content depends on (hashed into its fingerprint, kept in its meta.json)."""
+        d = asdict(self)
+        del d["compression"]
+        for k, default in _LATER_DEFAULTS.items():
+            if d[k] == default:
+                del d[k]
+        return {**d, "version": CACHE_VERSION}
+
+
+def key_differences(built: dict[str, Any], wanted: CacheParams) -> dict[str, tuple[Any, Any]]:
+    """{name: (built, wanted)} of the content parameters in which an entry's recorded ``params`` differ
+    from ``wanted`` (parameters added later read as their default where an older entry lacks them)."""
+    want = {**_LATER_DEFAULTS, **wanted.key()}
+    have = {**_LATER_DEFAULTS, **built}
+    return {
+        k: (have.get(k), want.get(k)) for k in sorted(set(want) | set(have)) if have.get(k) != want.get(k)
+    }
 
 
 def source_fingerprint(study_dir: Path, seg_path: Path | None, params: CacheParams) -> str:

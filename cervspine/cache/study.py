@@ -1,4 +1,5 @@
-"""Read access to cache entries (memory-mapped), and the same interface for a study held in memory."""
+"""Read access to cache entries (memory-mapped, or per-slice compressed), and the same interface for a
+study held in memory."""
 
 from __future__ import annotations
 
@@ -9,12 +10,26 @@ from typing import Any
 
 import numpy as np
 
-from cervspine.cache.entry import area_fractions, cached_volume, study_meta
+from cervspine.cache.compressed import SUFFIX, CompressedVolume
+from cervspine.cache.entry import area_fractions, array_path, cached_volume, study_meta
 from cervspine.cache.params import CacheParams
 
 
+def _open_array(entry: Path, name: str) -> np.ndarray | CompressedVolume | None:
+    path = array_path(entry, name)
+    if path is None:
+        return None
+    return CompressedVolume(path) if path.suffix == SUFFIX else np.load(path, mmap_mode="r")
+
+
 class CachedStudy:
-    """Read access to one cache entry; the volume is memory-mapped, so slices load without the study."""
+    """Read access to one cache entry; slices load without the study.
+
+    ``volume`` (and ``seg``) are the memory-mapped ``.npy`` of an uncompressed entry or a
+    :class:`~cervspine.cache.compressed.CompressedVolume` of a compressed one: both index like an array
+    (z first), so the DataModules and inference read either. Code that reads the whole volume more than
+    once (a predictor's stages) takes :meth:`loaded` first.
+    """
 
     def __init__(self, entry: Path):
         self.entry = Path(entry)
@@ -34,13 +49,29 @@ class CachedStudy:
         return int(self.meta["shape"][0])
 
     @cached_property
-    def volume(self) -> np.ndarray:
-        return np.load(self.entry / "volume.npy", mmap_mode="r")
+    def volume(self) -> np.ndarray | CompressedVolume:
+        vol = _open_array(self.entry, "volume")
+        if vol is None:
+            raise FileNotFoundError(f"{self.entry}: no volume.npy or volume{SUFFIX}; run preprocess")
+        return vol
 
     @cached_property
-    def seg(self) -> np.ndarray | None:
-        p = self.entry / "seg.npy"
-        return np.load(p, mmap_mode="r") if p.is_file() else None
+    def seg(self) -> np.ndarray | CompressedVolume | None:
+        return _open_array(self.entry, "seg")
+
+    @property
+    def compressed(self) -> bool:
+        return isinstance(self.volume, CompressedVolume)
+
+    def loaded(self) -> CachedStudy:
+        """This study with a compressed volume decoded once into memory (itself when nothing is to
+        decode): for whole-volume readers such as a predictor, whose stages read the volume each."""
+        if not self.compressed:
+            return self
+        study = object.__new__(type(self))
+        study.__dict__.update(self.__dict__)
+        study.__dict__["volume"] = np.asarray(self.volume)
+        return study
 
     @cached_property
     def vertebra_area(self) -> np.ndarray | None:

@@ -34,6 +34,8 @@ class RsnaDataModule(L.LightningDataModule):
         cache_dir: str,
         image_size: int | None = 256,
         segmentation_method: str = "auto",
+        cache_compression: str = "none",
+        cache_max_error_hu: int = 0,
         exclude: Sequence[str] = (),
         fold: int = 0,
         n_folds: int = 5,
@@ -51,7 +53,12 @@ class RsnaDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.root, self.cache_dir = Path(root), Path(cache_dir)
-        self.cache_params = CacheParams(image_size=image_size, segmentation_method=segmentation_method)
+        self.cache_params = CacheParams(
+            image_size=image_size,
+            segmentation_method=segmentation_method,
+            compression=cache_compression,
+            max_error_hu=int(cache_max_error_hu),
+        )
         self.exclude = tuple(exclude or ())
         self.fold, self.n_folds, self.fold_seed = int(fold), int(n_folds), int(fold_seed)
         self.input_size = int(input_size)

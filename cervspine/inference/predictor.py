@@ -60,6 +60,7 @@ class Predictor:
         return [m.checkpoint for m in self.stage2]
 
     def predict(self, study: CachedStudy) -> StudyPrediction:
+        study = study.loaded()  # a compressed entry decoded once for all stages
         with self.runtime.threads():
             t0 = time.perf_counter()
             s1 = self.stage1.run(study)

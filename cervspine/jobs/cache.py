@@ -21,7 +21,7 @@ def cache_for(data: DictConfig, image_size: int | None) -> tuple[Path, CachePara
     """
     configured = int(data.image_size) if data.image_size is not None else None
     size = configured if image_size is None else int(image_size)
-    params = CacheParams(image_size=size, segmentation_method=data.segmentation_method)
+    params = CacheParams.from_config(data, image_size=size)
     cache_dir = Path(data.cache_dir)
     if size == configured:
         return cache_dir, params

@@ -30,6 +30,7 @@ from hydra import compose
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cervspine.cache import CachedStudy, CacheParams, preprocess
+from cervspine.cache.params import key_differences
 from cervspine.data.stage1_table import vertebra_extents
 from cervspine.inference import Runtime, Stage1, load_stage1
 from cervspine.io.atomic import write_csv_atomic
@@ -45,6 +46,8 @@ FORWARDED_DATA_KEYS = (
     "image_size",
     "cache_dir",
     "segmentation_method",
+    "cache_compression",
+    "cache_max_error_hu",
     "fold",
     "n_folds",
     "fold_seed",
@@ -140,18 +143,18 @@ def check_cache_params(cache_dir: Path, params: CacheParams, sample: int = 8) ->
     of the full set takes hours): names each differing parameter and the ways out."""
     if not cache_dir.is_dir():
         return
-    wanted = params.key()
     for meta in sorted(cache_dir.glob("*/meta.json"))[:sample]:
         try:
             built = json.loads(meta.read_text()).get("params") or {}
         except (OSError, json.JSONDecodeError):
             continue  # unreadable entries are rebuilt by preprocess
-        diff = {k: (built.get(k), v) for k, v in wanted.items() if built.get(k) != v}
+        diff = key_differences(built, params)
         if diff:
             said = ", ".join(f"{k}={b!r} (this run: {w!r})" for k, (b, w) in diff.items())
             raise CervspineInputError(
                 f"data.cache_dir={cache_dir}: its entries were built with {said} (e.g. {meta.parent.name}). "
-                "Run with the parameters it was built with (data.image_size=…, data.segmentation_method=…), "
+                "Run with the parameters it was built with (data.image_size=…, data.segmentation_method=…, "
+                "data.cache_max_error_hu=…), "
                 "point data.cache_dir at another folder, or delete this one to rebuild it"
             )
 
@@ -266,7 +269,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     steps = Steps(run_dir, force=cfg.get("force", False))
     index = RsnaIndex.from_root(cfg.data.root, exclude=tuple(cfg.data.exclude))
     cache_dir = Path(cfg.data.cache_dir)
-    params = CacheParams(image_size=cfg.data.image_size, segmentation_method=cfg.data.segmentation_method)
+    params = CacheParams.from_config(cfg.data)
     data_key = data_fingerprint(cfg.data.root)
     preflight(cfg, run_dir)
     check_cache_params(cache_dir, params)
