@@ -1,7 +1,8 @@
 """``python -m cervspine.pipeline data.root=DIR experiment=NAME``: the whole job, resumable step by step
 (see :mod:`cervspine.jobs.pipeline`). The run folder is stable (``outputs/pipeline/<experiment>``, or
 ``<experiment>_smoke`` with ``smoke=true``), so rerunning the command resumes; it ends with the model card,
-the metrics, and the paths of the evaluation report and the submission."""
+the metrics, and the paths of the evaluation report and the submission. ``shard=i/N`` builds only that
+part of the job's cache (the full set's preprocessing as N jobs: README, "The real data")."""
 
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> dict[str, Any]:
     """The pipeline, then its model card and summary; returns metrics, submission and run folder."""
     result = run_pipeline(cfg)
+    if "shard" in result:  # one preprocessing job of several (shard=i/N)
+        built = result["preprocess"]
+        print(f"cache shard {result['shard']}: {len(built.built)} built, {len(built.skipped)} current in "
+              f"{result['cache_dir']}")  # fmt: skip
+        return result
     run_dir = result["run_dir"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     print(f"model card: {write_model_card(cfg, run_dir, metrics)}")

@@ -1,5 +1,6 @@
 """``python -m cervspine.preprocess data.root=DIR [workers=N] [shard=i/N]``: build the study cache,
-parallel and resumable (see :mod:`cervspine.cache`)."""
+parallel and resumable (see :mod:`cervspine.cache`). A pipeline job's cache is best built by the job itself
+(``python -m cervspine.pipeline experiment=rsna shard=i/N``: the job's own cache settings)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from omegaconf import DictConfig
 
 from cervspine.cache import CacheParams, PreprocessReport, preprocess
 from cervspine.io.rsna import RsnaIndex
+from cervspine.jobs.pipeline import shard_of
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ def run(cfg: DictConfig) -> PreprocessReport:
         Path(cfg.data.cache_dir),
         params,
         workers=cfg.workers,
-        shard=cfg.get("shard"),
+        shard=shard_of(cfg),
         progress=cfg.get("progress", True),
     )
     log.info(

@@ -29,24 +29,20 @@ def _entries(cache: Path) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def sharded_smoke(tiny_root, tmp_path_factory):
-    """A copy of the tiny folder without its cache; the cache built by ``python -m cervspine.preprocess
-    shard=0/2`` and ``shard=1/2``; then ``python -m cervspine.pipeline experiment=rsna smoke=true``."""
+    """A copy of the tiny folder without its cache; the cache built by one sweep of two shard jobs through
+    Hydra's submitit launcher (its local executor: the SLURM one, launcher=slurm_cpu, submits the same
+    jobs to a cluster); then ``python -m cervspine.pipeline experiment=rsna smoke=true`` on it."""
     from cervspine.pipeline import run
-    from cervspine.preprocess import run as preprocess
 
     tmp = tmp_path_factory.mktemp("rsna_smoke")
     root = writable_copy(tiny_root, tmp / "folder", ".cervspine_cache")
-    shards = []
-    for shard in ("0/2", "1/2"):
-        overrides = [
-            f"data.root={root}",
-            "data.image_size=64",
-            f"shard={shard}",
-            "workers=1",
-            "progress=false",
-        ]
-        with hydra_config("preprocess", [*overrides, "progress=false"], tmp / f"shard{shard[0]}") as cfg:
-            shards.append(preprocess(cfg))
+    sweep = [sys.executable, "-m", "cervspine.pipeline", "-m", f"data.root={root}", *RSNA, "smoke=true",
+             "shards=2", "shard=range(2)", "hydra/launcher=submitit_local",
+             f"hydra.sweep.dir={tmp / 'sweep'}"]  # fmt: skip
+    proc = subprocess.run(sweep, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    logs = sorted((tmp / "sweep" / ".submitit").glob("*/*_0_log.out"))
+    shards = [line for log in logs for line in log.read_text().splitlines() if line.startswith("cache shard")]
     cache = root / ".cervspine_cache" / "s64"
     built = _entries(cache)
     started = time.perf_counter()
@@ -61,12 +57,48 @@ def sharded_smoke(tiny_root, tmp_path_factory):
     }  # fmt: skip
 
 
-def test_shards_build_the_whole_cache_once(sharded_smoke, tiny_root):
-    a, b = sharded_smoke["shards"]
-    assert a.ok and b.ok and not a.skipped and not b.skipped
-    assert not set(a.built) & set(b.built)
+def test_a_sweep_of_shard_jobs_builds_the_whole_cache_once(sharded_smoke, tiny_root):
+    cache = sharded_smoke["root"] / ".cervspine_cache" / "s64"
+    n_studies = sum(1 for d in ("train_images", "test_images") for _ in (tiny_root / d).iterdir())
+    assert sorted(sharded_smoke["shards"]) == [
+        f"cache shard 0/2: {(n_studies + 1) // 2} built, 0 current in {cache}",
+        f"cache shard 1/2: {n_studies // 2} built, 0 current in {cache}",
+    ]
     studies = {p.name for d in ("train_images", "test_images") for p in (tiny_root / d).iterdir()}
-    assert set(a.built) | set(b.built) == studies == set(sharded_smoke["built"])
+    assert set(sharded_smoke["built"]) == studies
+
+
+@pytest.mark.parametrize(
+    ("shard", "shards", "expected"),
+    [(None, None, None), ("3/8", None, "3/8"), (3, 8, "3/8"), ("0/1", None, "0/1"), ("8/8", None, "error"),
+     ("3", None, "error"), (None, 8, "error"), ("a/b", None, "error"), (9, 8, "error")],
+)  # fmt: skip
+def test_shard_is_i_of_n(shard, shards, expected):
+    from omegaconf import OmegaConf
+
+    from cervspine.io.errors import CervspineInputError
+    from cervspine.jobs.pipeline import shard_of
+
+    cfg = OmegaConf.create({"shard": shard, "shards": shards})
+    if expected == "error":
+        with pytest.raises(CervspineInputError, match="shard=i"):
+            shard_of(cfg)
+    else:
+        assert shard_of(cfg) == expected
+
+
+def test_the_slurm_cpu_launcher_runs_one_cpu_task_per_shard(tmp_path):
+    """launcher=slurm_cpu composes (submitit's SLURM launcher) with the job's preprocessing processes."""
+    from hydra import compose, initialize_config_dir
+
+    from cervspine.config import CONF_DIR
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose("pipeline", ["launcher=slurm_cpu", "experiment=rsna", "shards=4", "shard=0"],
+                      return_hydra_config=True)  # fmt: skip
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.cpus_per_task) == (0, 1, cfg.workers)
 
 
 def test_the_pipeline_scores_from_the_cache_the_shards_built(sharded_smoke):

@@ -115,6 +115,25 @@ def smoke_extra(cfg: DictConfig, stage: str) -> list[str]:
     return [str(o) for items in lists if items for o in items]
 
 
+def shard_of(cfg: DictConfig) -> str | None:
+    """The part of the cache one job builds: ``shard=i/N``, or ``shard=i shards=N`` (what a sweep gives:
+    ``-m shards=8 'shard=range(8)'``); None without ``shard`` (the whole job)."""
+    shard, shards = cfg.get("shard"), cfg.get("shards")
+    if shard is None:
+        if shards is not None:
+            raise CervspineInputError(f"shards={shards} needs shard=i (0 <= i < {shards}), one job per i")
+        return None
+    text = f"{shard}/{shards}" if shards is not None else str(shard)
+    parts = text.split("/")
+    if len(parts) != 2 or not all(x.strip().isdigit() for x in parts) or not int(parts[0]) < int(parts[1]):
+        given = f"shard={shard!r}" + (f" shards={shards!r}" if shards is not None else "")
+        raise CervspineInputError(
+            f"{given}: give shard=i/N (or shard=i shards=N) with 0 <= i < N, e.g. shard=0/8; a sweep of "
+            "all eight: -m shards=8 'shard=range(8)'"
+        )
+    return f"{int(parts[0])}/{int(parts[1])}"
+
+
 def stage_keys(cfg: DictConfig) -> list[str]:
     """The pipeline keys of the trained stages: stage1, stage2, stage2_ensemble.<name>…"""
     return ["stage1", "stage2", *(f"stage2_ensemble.{n}" for n in cfg.get("stage2_ensemble") or {})]
@@ -262,7 +281,8 @@ def _train_in_subprocess(stage_cfg: DictConfig) -> None:
 
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
-    """The pipeline config's job; returns the evaluation metrics, the submission path and the run folder."""
+    """The pipeline config's job; returns the evaluation metrics, the submission path and the run folder.
+    With ``shard`` (:func:`shard_of`) only that part of the cache is built (no GPU or weights needed)."""
     apply_smoke(cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -270,6 +290,13 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     index = RsnaIndex.from_root(cfg.data.root, exclude=tuple(cfg.data.exclude))
     cache_dir = Path(cfg.data.cache_dir)
     params = CacheParams.from_config(cfg.data)
+    shard = shard_of(cfg)
+    if shard is not None:  # one of N preprocessing jobs, with this job's own cache settings: then stop
+        check_cache_params(cache_dir, params)
+        report = preprocess(index, cache_dir, params, workers=cfg.workers, shard=shard, progress=cfg.progress)
+        if not report.ok:
+            raise RuntimeError(f"preprocessing failed for {len(report.failed)} studies: {report.failed}")
+        return {"shard": shard, "preprocess": report, "cache_dir": cache_dir, "run_dir": run_dir}
     data_key = data_fingerprint(cfg.data.root)
     preflight(cfg, run_dir)
     check_cache_params(cache_dir, params)
