@@ -291,3 +291,37 @@ def test_the_predictor_answers_the_same_from_either_form(shared_run, tiny_cache,
     a = predictor.predict(CachedStudy(tiny_cache / uid)).probabilities
     b = predictor.predict(packed).probabilities
     np.testing.assert_array_equal(a, b)
+
+
+def test_the_hu_floor_is_content_and_exact_for_windows_above_it(tiny_root, tmp_path):
+    from cervspine.cache import InMemoryStudy
+    from cervspine.data.windows import WINDOWS, apply_windows
+    from cervspine.io import load_study
+
+    floored = CacheParams(image_size=48, hu_floor=-500)
+    assert floored.key()["hu_floor"] == -500 and "hu_floor" not in CacheParams(image_size=48).key()
+    assert key_differences(CacheParams(image_size=48).key(), floored) == {"hu_floor": (-1024, -500)}
+    assert CacheParams.from_config({"image_size": 48, "cache_hu_floor": -500}) == floored
+    with pytest.raises(ValueError, match="hu_floor"):
+        CacheParams(hu_floor=-2000)
+    index = RsnaIndex.from_root(tiny_root)
+    study = load_study(index.study_dir(index.train_uids[0]))
+    plain, low = InMemoryStudy(study, CacheParams(image_size=48)).volume, InMemoryStudy(study, floored).volume
+    assert (
+        low.min() >= -500
+        and (plain < -500).any()
+        and np.array_equal(low[plain >= -500], plain[plain >= -500])
+    )
+    for name in ("bone", "soft"):  # the windows experiment=rsna's stages use
+        np.testing.assert_array_equal(
+            apply_windows(low, [WINDOWS[name]]), apply_windows(plain, [WINDOWS[name]])
+        )
+
+
+def test_datamodules_refuse_windows_below_the_cache_floor(tiny_root):
+    from cervspine.data.datamodules import VertebraeDataModule
+
+    kw = dict(root=str(tiny_root), cache_dir=str(tiny_root / "unused"), image_size=64, cache_hu_floor=-500)
+    VertebraeDataModule(**kw, windows=["bone", "soft"])
+    with pytest.raises(ValueError, match=r"\(-1200, 1800\) start below the cache's data.cache_hu_floor=-500"):
+        VertebraeDataModule(**kw, windows=["bone", "wide"])

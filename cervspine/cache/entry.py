@@ -131,21 +131,29 @@ def cached_volume(study, params: CacheParams) -> np.ndarray:
     """
     volume, size = study.volume, params.image_size
     if size is None or volume.shape[1:] == (size, size):
-        return np.clip(volume, HU_MIN, HU_MAX).astype(np.int16, copy=False)
+        return _floor(np.clip(volume, HU_MIN, HU_MAX).astype(np.int16, copy=False), params)
     out = np.empty((volume.shape[0], size, size), dtype=np.int16)
     hu = np.empty(volume.shape[1:], dtype=np.int16)
     for z in range(volume.shape[0]):
         np.clip(volume[z], HU_MIN, HU_MAX, out=hu, casting="unsafe")  # float HU truncate like astype
         r = cv2.resize(hu.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
         out[z] = np.rint(r)
-    return out
+    return _floor(out, params)
+
+
+def _floor(volume: np.ndarray, params: CacheParams) -> np.ndarray:
+    """``params.hu_floor`` applied after resizing (so the resized pixels are those of the unfloored
+    volume, and any window starting at or above the floor sees exactly what it would without it)."""
+    if params.hu_floor <= HU_MIN:
+        return volume
+    return np.maximum(volume, np.int16(params.hu_floor))
 
 
 def _cached_volume_reference(study, params: CacheParams) -> np.ndarray:
     """The straightforward form of :func:`cached_volume` (whole-volume clip, then resize): tests and
     the memory benchmark compare both."""
     volume = np.clip(study.volume, HU_MIN, HU_MAX).astype(np.int16, copy=False)
-    return resize_stack(volume, params.image_size)
+    return _floor(resize_stack(volume, params.image_size), params)
 
 
 def study_meta(study, params: CacheParams, *, uid: str, split: str, shape: tuple[int, ...]) -> dict[str, Any]:

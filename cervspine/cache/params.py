@@ -18,7 +18,7 @@ N_VERT = len(VERTEBRAE)
 
 # Parameters added after caches existed: left out of key() at these values, so the fingerprints of entries
 # built before them stay current (and read back with these values by key_differences).
-_LATER_DEFAULTS: dict[str, Any] = {"max_error_hu": 0}
+_LATER_DEFAULTS: dict[str, Any] = {"max_error_hu": 0, "hu_floor": HU_MIN}
 
 
 @dataclass(frozen=True)
@@ -30,28 +30,39 @@ class CacheParams:
     one way is current for a run that asks another (no rebuild of the full set because a later
     ``predict`` ran with the default). ``max_error_hu`` > 0 (near-lossless JPEG-LS, every voxel within
     that many HU) does change the content and is part of the key.
+
+    ``hu_floor`` > -1024 stores every voxel below it as the floor: air (and lung) become one value, which
+    the codecs store for almost nothing (the noise of air costs as much as the noise of tissue). Exact for
+    the models' inputs as long as every HU window they use starts at or above the floor (bone starts at
+    -500, soft at -160; the DataModules refuse a window below it); part of the key.
     """
 
     image_size: int | None = 256  # in-plane size after resizing; None keeps the original matrix
     segmentation_method: str = "auto"
     compression: str = "none"
     max_error_hu: int = 0
+    hu_floor: int = HU_MIN
 
     def __post_init__(self) -> None:
         from cervspine.cache.compressed import check_codec
 
         check_codec(self.compression, self.max_error_hu)
+        if not HU_MIN <= self.hu_floor < HU_MAX:
+            raise ValueError(f"cache hu_floor must be in [{HU_MIN}, {HU_MAX}), got {self.hu_floor}")
 
     @classmethod
     def from_config(cls, data: Any, **override: Any) -> CacheParams:
         """The parameters a ``data`` config asks for (``image_size``, ``segmentation_method``,
-        ``cache_compression``, ``cache_max_error_hu``); ``override`` wins (e.g. the checkpoints' size)."""
+        ``cache_compression``, ``cache_max_error_hu``, ``cache_hu_floor``); ``override`` wins (e.g. the
+        checkpoints' size)."""
         get = data.get if hasattr(data, "get") else lambda k, d=None: getattr(data, k, d)
+        floor = get("cache_hu_floor", None)
         values = {
             "image_size": get("image_size", 256),
             "segmentation_method": get("segmentation_method", "auto") or "auto",
             "compression": get("cache_compression", "none") or "none",
             "max_error_hu": int(get("cache_max_error_hu", 0) or 0),
+            "hu_floor": HU_MIN if floor is None else int(floor),
         }
         values.update(override)
         if values["image_size"] is not None:
@@ -66,6 +77,18 @@ class CacheParams:
             if d[k] == default:
                 del d[k]
         return {**d, "version": CACHE_VERSION}
+
+
+def check_windows_above_floor(windows: Any, hu_floor: int) -> None:
+    """Refuse HU windows (low, high) that start below the cache's ``hu_floor``: their low part would see
+    the floor where the scan had other values."""
+    low = [w for w in windows if float(w[0]) < hu_floor]
+    if low:
+        raise ValueError(
+            f"HU window(s) {', '.join(f'({w[0]:g}, {w[1]:g})' for w in low)} start below the cache's "
+            f"data.cache_hu_floor={hu_floor}: choose windows that start at or above it, or a cache with a "
+            "lower data.cache_hu_floor (-1024 stores every HU)"
+        )
 
 
 def key_differences(built: dict[str, Any], wanted: CacheParams) -> dict[str, tuple[Any, Any]]:

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from cervspine import TARGETS, VERTEBRAE
 from cervspine.cache import CachedStudy, CacheParams
+from cervspine.cache.params import HU_MIN, check_windows_above_floor
 from cervspine.data.datasets import FractureSliceDataset, VertebraeSliceDataset
 from cervspine.data.folds import assign_folds
 from cervspine.data.metadata import NUM_FEATURES, slice_features, study_features
@@ -36,6 +37,7 @@ class RsnaDataModule(L.LightningDataModule):
         segmentation_method: str = "auto",
         cache_compression: str = "none",
         cache_max_error_hu: int = 0,
+        cache_hu_floor: int | None = None,
         exclude: Sequence[str] = (),
         fold: int = 0,
         n_folds: int = 5,
@@ -58,12 +60,14 @@ class RsnaDataModule(L.LightningDataModule):
             segmentation_method=segmentation_method,
             compression=cache_compression,
             max_error_hu=int(cache_max_error_hu),
+            hu_floor=HU_MIN if cache_hu_floor is None else int(cache_hu_floor),
         )
         self.exclude = tuple(exclude or ())
         self.fold, self.n_folds, self.fold_seed = int(fold), int(n_folds), int(fold_seed)
         self.input_size = int(input_size)
         self.offsets = context_offsets(int(context), int(stride))
         self.windows = resolve_windows(list(windows))
+        check_windows_above_floor(self.windows, self.cache_params.hu_floor)
         self.augment_transforms = list(augment or [])
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.preprocess_workers = int(preprocess_workers)

@@ -48,6 +48,7 @@ FORWARDED_DATA_KEYS = (
     "segmentation_method",
     "cache_compression",
     "cache_max_error_hu",
+    "cache_hu_floor",
     "fold",
     "n_folds",
     "fold_seed",
@@ -173,7 +174,7 @@ def check_cache_params(cache_dir: Path, params: CacheParams, sample: int = 8) ->
             raise CervspineInputError(
                 f"data.cache_dir={cache_dir}: its entries were built with {said} (e.g. {meta.parent.name}). "
                 "Run with the parameters it was built with (data.image_size=…, data.segmentation_method=…, "
-                "data.cache_max_error_hu=…), "
+                "data.cache_max_error_hu=…, data.cache_hu_floor=…), "
                 "point data.cache_dir at another folder, or delete this one to rebuild it"
             )
 
