@@ -337,3 +337,35 @@ def test_the_pipeline_refuses_a_cache_of_other_parameters_before_touching_it(tin
         run(cfg)
     assert "segmentation_method='auto' (this run: 'geometry')" in str(e.value)
     assert not (tmp_path / "run" / "stage1").exists()
+
+
+def test_weights_files_are_checked_before_preprocessing(tiny_root, tmp_path):
+    """A missing weights file, and one of another architecture, stop the job before the cache is touched."""
+    import timm
+    import torch
+
+    from cervspine.models.backbones import WeightsMismatch
+    from cervspine.pipeline import run
+
+    other = tmp_path / "resnet.pth"
+    torch.save(timm.create_model("test_resnet", num_classes=0).state_dict(), other)
+    cache = tmp_path / "cache"
+    for path, error, said in [(tmp_path / "missing.pth", FileNotFoundError, "not found"),
+                              (other, WeightsMismatch, "does not fit backbone efficientnet_b0")]:  # fmt: skip
+        stages = f'stages_overrides=["trainer=cpu","model.backbone.weights_path={path}"]'
+        overrides = [f"data.root={tiny_root}", *RSNA, stages, f"data.cache_dir={cache}"]
+        with hydra_config("pipeline", overrides, tmp_path / "run") as cfg, pytest.raises(error) as e:
+            run(cfg)
+        assert said in str(e.value) and str(e.value).startswith("stage1 (vertebrae_column)")
+    assert not cache.exists()
+
+
+def test_several_nodes_per_stage_are_refused_naming_the_train_command(tiny_root, tmp_path):
+    from cervspine.io.errors import CervspineInputError as InputError
+    from cervspine.pipeline import run
+
+    stages = 'stages_overrides=["trainer=cpu","++trainer.num_nodes=2"]'
+    overrides = [f"data.root={tiny_root}", *RSNA, stages, f"data.cache_dir={tmp_path / 'c'}"]
+    with hydra_config("pipeline", overrides, tmp_path / "run") as cfg, pytest.raises(InputError) as e:
+        run(cfg)
+    assert "python -m cervspine.train -m launcher=slurm experiment=vertebrae_column" in str(e.value)

@@ -144,18 +144,30 @@ def preflight(cfg: DictConfig, scratch: Path) -> None:
     """Every stage's recipe can run here, checked before hours of preprocessing: CUDA where a recipe asks
     for a GPU, and pretrained weights that are cached or downloadable (each fails in seconds, naming the
     override that fixes it)."""
-    from cervspine.models.backbones import pretrained_source
+    from cervspine.models.backbones import create_backbone, pretrained_source
     from cervspine.training.fit import check_accelerator
 
     for stage in stage_keys(cfg):
         stage_cfg = stage_config(cfg, stage, scratch / stage.replace(".", "_"))
         check_accelerator(stage_cfg, where=f"add to {stage}.overrides (or stages_overrides)")
+        nodes = int(OmegaConf.select(stage_cfg, "trainer.num_nodes", default=1) or 1)
+        if nodes > 1:
+            recipe = stage_cfg.experiment_name
+            raise CervspineInputError(
+                f"{stage}: trainer.num_nodes={nodes}: the pipeline trains each stage on one node (all its "
+                "GPUs: trainer.devices=N); train a stage on several nodes with python -m cervspine.train -m "
+                f"launcher=slurm experiment={recipe} trainer=ddp trainer.num_nodes={nodes} ..."
+            )
         backbone = OmegaConf.select(stage_cfg, "model.backbone", default=None)
-        if backbone is not None and backbone.get("pretrained") and not backbone.get("weights_path"):
-            try:
+        if backbone is None:
+            continue
+        try:
+            if backbone.get("weights_path"):  # a missing or unfit file is told now, not after preprocessing
+                create_backbone(str(backbone.name), in_chans=3, weights_path=str(backbone.weights_path))
+            elif backbone.get("pretrained"):
                 pretrained_source(str(backbone.name))
-            except CervspineInputError as e:
-                raise type(e)(f"{stage} ({stage_cfg.experiment_name}): {e} (in {stage}.overrides)") from None
+        except (CervspineInputError, FileNotFoundError) as e:
+            raise type(e)(f"{stage} ({stage_cfg.experiment_name}): {e} (in {stage}.overrides)") from None
 
 
 def check_cache_params(cache_dir: Path, params: CacheParams, sample: int = 8) -> None:

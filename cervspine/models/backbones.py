@@ -14,6 +14,7 @@ minute of retries.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 import urllib.error
@@ -147,10 +148,31 @@ def create_backbone(
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
+class _LoadRecords(logging.Handler):
+    """What timm's pretrained loader logs (its non-strict load only logs missing keys, at INFO)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def _from_file(name: str, path: Path, kwargs: dict[str, Any]) -> nn.Module:
-    """timm's ``name`` with the weights of ``path``; :class:`WeightsMismatch` when they do not fit."""
+    """timm's ``name`` with the weights of ``path``; :class:`WeightsMismatch` when they do not fit —
+    also where timm's non-strict load (``num_classes=0`` drops the classifier) would leave the backbone's
+    missing keys at random init with no more than a log line."""
+    records, timm_log = _LoadRecords(), logging.getLogger("timm.models._builder")
+    level = timm_log.level
+    timm_log.addHandler(records)
+    timm_log.setLevel(logging.INFO)
     try:
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        said = _timm_load_keys(records.messages)
+        if "Missing key(s)" in said:
+            raise RuntimeError(said)
+        return model
     except (RuntimeError, KeyError, ValueError, EOFError, OSError) as e:
         text = str(e)
         if any(k in text for k in ("size mismatch", "Missing key", "Unexpected key")):
@@ -162,6 +184,22 @@ def _from_file(name: str, path: Path, kwargs: dict[str, Any]) -> nn.Module:
             f"model.backbone.weights_path={path} does not fit backbone {name} ({what}). Give a weights "
             f"file of {name}, or set model.backbone.name to the file's architecture"
         ) from e
+    finally:
+        timm_log.removeHandler(records)
+        timm_log.setLevel(level)
+
+
+def _timm_load_keys(messages: list[str]) -> str:
+    """timm's "Missing keys (a, b) discovered …" log lines in torch's load_state_dict wording."""
+    import re
+
+    lines = []
+    for message in messages:
+        found = re.match(r"(Missing|Unexpected) keys \((.*)\) (?:discovered|found)", message)
+        if found:
+            keys = ", ".join(f'"{k}"' for k in found.group(2).split(", "))
+            lines.append(f"{found.group(1)} key(s) in state_dict: {keys}.")
+    return "\n".join(lines)
 
 
 def _mismatch_summary(text: str) -> str:
