@@ -98,3 +98,33 @@ def test_a_single_study_predict_answers_an_unlocalisable_study_in_json_and_html(
     assert "level not localised" in record["fallback"]
     page = write_study_report(tmp_path, study, pred, predictor, synthetic=True).html.read_text()
     assert "Level not localised" in page and "C1, C2, C3, C4, C5, C6, C7" in page
+
+
+def test_with_a_blind_stage1_the_pipeline_scores_the_prior_and_writes_its_submission(
+    shared_run, tiny_root, tmp_path
+):
+    """The trained run's stage 1 made blind: the evaluate step's score is the prior's ± 0.02 (each level
+    falls back to the training prior, the patient level to the risk of the seven), and predict still
+    writes a submission row for every test study and level."""
+    import pandas as pd
+
+    from cervspine.evaluate import evaluate
+    from cervspine.predict import predict_folder
+    from tests.helpers import hydra_config
+
+    ckpt = torch.load(shared_run.stage1, map_location="cpu", weights_only=False)
+    ckpt["state_dict"]["presence_head.bias"].fill_(-30.0)
+    blind = tmp_path / "stage1_blind.ckpt"
+    torch.save(ckpt, blind)
+    common = [f"data.root={tiny_root}", f"run_dir={shared_run.dir}", f"ckpt.stage1={blind}",
+              f"ckpt.stage2={shared_run.slice_stage2}"]  # fmt: skip
+    with hydra_config("evaluate", [*common, "fold=null", "n_bootstrap=10"], tmp_path / "eval") as cfg:
+        metrics = evaluate(cfg)
+    assert metrics["n_studies"] >= 10
+    assert abs(metrics["rsna_score"] - metrics["prior_baseline_rsna_score"]) <= 0.02, metrics
+    with hydra_config("predict", [*common, "data.image_size=64"], tmp_path / "predict") as cfg:
+        result = predict_folder(cfg)
+    assert not result.failed
+    submission = pd.read_csv(result.submission)
+    n_test = len(pd.read_csv(tiny_root / "test.csv").StudyInstanceUID.unique())
+    assert len(submission) == 8 * n_test and submission.fractured.between(0, 1).all()
