@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= data/synthetic_demo_v3
 PYTEST_ARGS ?=
 
-.PHONY: help install demo demo-quality print-demo-synth test test-slow bench lint format fuzz clean browser dicom-tools
+.PHONY: help install demo demo-quality print-demo-synth test test-slow bench rehearsal lint format fuzz clean browser dicom-tools
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -64,6 +64,10 @@ FUZZ_SECONDS ?= 600
 fuzz: $(STAMP) ## fuzz the DICOM reader for FUZZ_SECONDS (failures are kept in .hypothesis/)
 	CERVSPINE_FUZZ_SECONDS=$(FUZZ_SECONDS) RUST_BACKTRACE=0 $(PY) -m pytest -q -s -m slow \
 		tests/test_reliability_fuzz.py $(PYTEST_ARGS)
+
+REHEARSAL_ARGS ?=
+rehearsal: $(STAMP) ## experiment=rsna at real sizes on synthetic studies (GPU ~8 min; CPU ~15 min: --mode cpu) → experiments/rehearsal.md
+	WANDB_MODE=offline $(PY) -m experiments.rehearsal $(REHEARSAL_ARGS)
 
 bench: $(STAMP) ## benchmarks; results in experiments/benchmarks/RESULTS.md
 	$(PY) -m experiments.benchmarks.run_all

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import lightning as L
 import numpy as np
 from lightning.pytorch.callbacks import Callback, WeightAveraging
@@ -72,3 +74,134 @@ class ReportImagesCallback(Callback):
         y, p = (np.asarray(a, np.float64) for a in (last.labels, last.predictions))
         fig = roc_figure(y, p, synthetic=synthetic)
         log_figures(trainer.loggers, {self.key: fig}, step=trainer.global_step)
+
+
+class ThroughputMonitor(Callback):
+    """How fast training runs and whether it waits on its loader: ``throughput.json`` at the end of fit.
+
+    Per training batch: the *wait* (from the end of the previous batch, or of validation, to the start of
+    this one: the time the loop spent getting the batch from the DataLoader) and the *step* (forward,
+    backward, optimizer; with CUDA synchronised at its end, so the GPU's work is counted). A step *waited*
+    when its wait exceeds ``wait_threshold`` of its step time. The first ``skip_first`` batches (warm-up,
+    workers starting, cudnn autotuning) are left out. Peak memory: CUDA's max allocated on a GPU; the
+    resident memory of the process and its loader workers (sampled each batch) otherwise.
+    ``out``: the JSON file (default ``<trainer.default_root_dir>/throughput.json``).
+    """
+
+    def __init__(self, out: str | None = None, skip_first: int = 1, wait_threshold: float = 0.05):
+        self.out, self.skip_first, self.wait_threshold = out, int(skip_first), float(wait_threshold)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.waits: list[float] = []
+        self.steps: list[float] = []
+        self.samples: list[int] = []
+        self.peak_rss = 0
+        self._t_prev: float | None = None
+        self._t_start = 0.0
+        self._wait = 0.0
+
+    @staticmethod
+    def _now() -> float:
+        import time
+
+        return time.perf_counter()
+
+    @staticmethod
+    def _batch_size(batch) -> int:
+        import torch
+
+        values = (
+            batch.values()
+            if isinstance(batch, dict)
+            else batch
+            if isinstance(batch, (list, tuple))
+            else [batch]
+        )
+        for v in values:
+            if isinstance(v, torch.Tensor) and v.ndim:
+                return int(v.shape[0])
+        return 1
+
+    def _rss(self) -> int:
+        try:
+            import psutil
+
+            proc = psutil.Process()
+            total = proc.memory_info().rss
+            for child in proc.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    total += child.memory_info().rss
+            return int(total)
+        except ImportError:  # psutil is a test extra: the process's own peak
+            import resource
+
+            return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import torch
+
+        self._reset()
+        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t_prev = self._now()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._t_prev = None  # validation is no wait of the training loader
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._t_prev = self._now()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        now = self._now()
+        self._wait = now - self._t_prev if self._t_prev is not None else 0.0
+        self._t_start = now
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import torch
+
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        now = self._now()
+        self.waits.append(self._wait)
+        self.steps.append(now - self._t_start)
+        self.samples.append(self._batch_size(batch))
+        self.peak_rss = max(self.peak_rss, self._rss())
+        self._t_prev = now
+
+    def summary(self, pl_module=None) -> dict:
+        import torch
+
+        k = min(self.skip_first, max(len(self.steps) - 1, 0))
+        waits, steps, samples = np.array(self.waits[k:]), np.array(self.steps[k:]), np.array(self.samples[k:])
+        total = float(waits.sum() + steps.sum())
+        out = {
+            "batches": len(self.steps),
+            "measured_batches": len(steps),
+            "samples": int(samples.sum()),
+            "batch_size": int(np.median(samples)) if len(samples) else None,
+            "train_samples_per_s": float(samples.sum() / total) if total > 0 else None,
+            "step_s_median": float(np.median(steps)) if len(steps) else None,
+            "wait_s_median": float(np.median(waits)) if len(waits) else None,
+            "waited_fraction": float(np.mean(waits > self.wait_threshold * steps)) if len(steps) else None,
+            "wait_time_fraction": float(waits.sum() / total) if total > 0 else None,
+            "wait_threshold": self.wait_threshold,
+            "peak_rss_gib": self.peak_rss / 2**30,
+            "device": str(pl_module.device) if pl_module is not None else None,
+        }
+        if pl_module is not None and pl_module.device.type == "cuda":
+            out["peak_gpu_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+        return out
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        from pathlib import Path
+
+        from cervspine.io.atomic import write_json_atomic
+
+        path = Path(self.out) if self.out else Path(trainer.default_root_dir) / "throughput.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, self.summary(pl_module))
