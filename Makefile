@@ -80,5 +80,11 @@ format: $(STAMP) ## ruff format + fixes
 	$(VENV)/bin/ruff check --fix cervspine tests experiments
 	$(VENV)/bin/ruff format cervspine tests experiments
 
+.PHONY: kaggle-kit
+KIT_ARGS ?=
+kaggle-kit: $(STAMP) ## offline Kaggle kit of a run: wheels, checkpoints, kaggle_predict.py (RUN=<run dir> OUT=<dir>)
+	@test -n "$(RUN)" -a -n "$(OUT)" || { echo "usage: make kaggle-kit RUN=<pipeline run dir> OUT=<dir> [KIT_ARGS=--no-wheels]"; exit 2; }
+	$(PY) -m cervspine.kaggle.kit $(RUN) $(OUT) $(KIT_ARGS)
+
 clean: ## remove outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache
