@@ -5,7 +5,9 @@ upload as a Kaggle dataset, for the competition's notebooks that run without int
 
     OUT/kaggle_predict.py   writes /kaggle/working/submission.csv (installs cervspine from wheels/ first)
     OUT/wheels/             cervspine + every dependency but the excluded (torch, torchvision: Kaggle has
-                            them), pinned to the versions installed here, for pip install --no-index
+                            them), pinned to the versions installed here, for pip install --no-index;
+                            also torch's own small dependencies (not its CUDA runtime), used only where
+                            the image's are missing or too old
     OUT/models/             the run's evaluated checkpoints (training state stripped), its
                             operating_point.json, metrics.json and model card
     OUT/kit.json            what is where: models, pins, python, checksums, the source run
@@ -49,11 +51,31 @@ def canonical(name: str) -> str:
 
 
 def requirements(
-    dist: str = "cervspine", exclude: tuple[str, ...] = DEFAULT_EXCLUDE, python_version: str | None = None
+    dist: str = "cervspine",
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
+    python_version: str | None = None,
+    companions: bool = True,
 ) -> list[str]:
     """``name==version`` of every distribution ``dist`` needs (its core requirements, transitively,
-    markers evaluated for ``python_version``), as installed here; the excluded ones and what only they
-    need left out."""
+    markers evaluated for ``python_version``), as installed here, the excluded ones left out. With
+    ``companions``, also what the excluded ones need but the GPU runtime (nvidia-*, cuda-*, triton): small
+    wheels pip takes only where the image's own are missing or too old (torch's setuptools>=77, say)."""
+    pins = _closure(dist, exclude, python_version)
+    if companions:
+        for name in exclude:
+            try:
+                metadata.distribution(name)
+            except metadata.PackageNotFoundError:
+                continue
+            extra = _closure(name, exclude, python_version)
+            pins.update({n: v for n, v in extra.items() if not n.startswith(GPU_RUNTIME)})
+    return [f"{n}=={v}" for n, v in sorted(pins.items())]
+
+
+GPU_RUNTIME = ("nvidia-", "cuda-", "triton")  # the image's CUDA stack: never packed
+
+
+def _closure(dist: str, exclude: tuple[str, ...], python_version: str | None) -> dict[str, str]:
     from packaging.markers import default_environment
     from packaging.requirements import Requirement
 
@@ -83,7 +105,7 @@ def requirements(
                 except metadata.PackageNotFoundError:
                     raise RuntimeError(f"{name} needs {req}, which is not installed here") from None
             todo += [(dep, ""), *((dep, canonical(e)) for e in req.extras)]
-    return [f"{n}=={v}" for n, v in sorted(pins.items())]
+    return pins
 
 
 def _requires(name: str) -> list[str]:
