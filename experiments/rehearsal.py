@@ -379,6 +379,8 @@ def markdown(result: dict) -> str:
         f"`experiment=rsna` with {MODES[p['mode']]['train_batches']} training batches per stage "
         f"(pipeline {m['pipeline_s'] / 60:.1f} min).",
     ]
+    if result.get("note"):
+        lines += ["", result["note"]]
     if p["mode"] == "cpu":
         lines += [
             "",
@@ -470,7 +472,8 @@ def machine() -> str:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
+    load = f", load average {os.getloadavg()[1]:.1f}" if hasattr(os, "getloadavg") else ""
+    return f"{os.cpu_count()} CPU cores{load}, {gpu}, torch {torch.__version__}"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -491,7 +494,7 @@ def main(argv: list[str] | None = None) -> dict:
     mode = ("gpu" if torch.cuda.is_available() else "cpu") if args.mode == "auto" else args.mode
     work = args.work or REPO / "data" / f"rehearsal_{mode}"
     root, cache, run_dir = work / "rsna", work / "cache", REPO / "outputs" / f"rehearsal_{mode}"
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), machine()
     synth_s = synthesize(root, mode)
     measured = run_pipeline(mode, root, cache, run_dir)
     measured["synthesize_s"] = synth_s
@@ -500,7 +503,7 @@ def main(argv: list[str] | None = None) -> dict:
     codecs = json.loads(codecs_path.read_text()) if codecs_path.is_file() else None
     result = {
         "when": time.strftime("%Y-%m-%d"),
-        "machine": machine(),
+        "machine": f"{started} at the start; at the end: {machine()}",
         "full_set": FULL,
         "goals": GOALS,
         "budget_h": BUDGET_H,

@@ -75,7 +75,7 @@ def test_the_rehearsal_runs_experiment_rsna_at_real_sizes(tiny_root, tmp_path):
         assert sorted(keys) == sorted(k for k, *_ in STAGES.values())
         for stage in keys:
             s = stage_config(cfg, stage, tmp_path / stage)
-            assert s.trainer.accelerator == "cpu" and s.trainer.limit_train_batches == 4
+            assert s.trainer.accelerator == "cpu" and s.trainer.limit_train_batches == 3
             assert s.callbacks.throughput._target_.endswith("ThroughputMonitor")
             assert s.model.backbone.pretrained is False and s.data.image_size == 512
             assert (s.data.cache_compression, s.data.cache_hu_floor) == ("htj2k", -500)

@@ -83,13 +83,22 @@ class ThroughputMonitor(Callback):
     this one: the time the loop spent getting the batch from the DataLoader) and the *step* (forward,
     backward, optimizer; with CUDA synchronised at its end, so the GPU's work is counted). A step *waited*
     when its wait exceeds ``wait_threshold`` of its step time. The first ``skip_first`` batches (warm-up,
-    workers starting, cudnn autotuning) are left out. Peak memory: CUDA's max allocated on a GPU; the
-    resident memory of the process and its loader workers (sampled each batch) otherwise.
+    workers starting, cudnn autotuning) are left out. Peak memory: CUDA's max allocated on a GPU; and the
+    resident memory of the process and its loader workers, sampled every ``rss_interval_s`` by a thread
+    (a step's activations peak inside the backward pass, not at its end).
     ``out``: the JSON file (default ``<trainer.default_root_dir>/throughput.json``).
     """
 
-    def __init__(self, out: str | None = None, skip_first: int = 1, wait_threshold: float = 0.05):
+    def __init__(
+        self,
+        out: str | None = None,
+        skip_first: int = 1,
+        wait_threshold: float = 0.05,
+        rss_interval_s: float = 0.2,
+    ):
         self.out, self.skip_first, self.wait_threshold = out, int(skip_first), float(wait_threshold)
+        self.rss_interval_s = float(rss_interval_s)
+        self._sampler = None
         self._reset()
 
     def _reset(self) -> None:
@@ -144,6 +153,30 @@ class ThroughputMonitor(Callback):
         self._reset()
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
+        self._start_sampler()
+
+    def _start_sampler(self) -> None:
+        import threading
+
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(self.rss_interval_s):
+                self.peak_rss = max(self.peak_rss, self._rss())
+
+        thread = threading.Thread(target=sample, name="rss-sampler", daemon=True)
+        thread.start()
+        self._sampler = (stop, thread)
+
+    def _stop_sampler(self) -> None:
+        if self._sampler is not None:
+            stop, thread = self._sampler
+            stop.set()
+            thread.join(timeout=5)
+            self._sampler = None
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._stop_sampler()
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._t_prev = self._now()
@@ -196,6 +229,7 @@ class ThroughputMonitor(Callback):
         return out
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self._stop_sampler()
         if not trainer.is_global_zero:
             return
         from pathlib import Path
