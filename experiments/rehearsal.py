@@ -73,7 +73,7 @@ MODES = {
         "n_train": 8,
         "n_test": 2,
         "n_folds": 2,  # 4 validation studies: at least one of them segmented (6 of the 8 are)
-        "train_batches": 4,
+        "train_batches": 3,
         "pipeline": [
             "device=cpu",
             "workers=2",
@@ -81,9 +81,12 @@ MODES = {
             "n_bootstrap=20",
             "stage1_inference.processes=1",
         ],
-        "stage1": ["data.batch_size=2", "data.val_batch_size=1"],
-        "stage2": ["data.batch_size=2", "trainer.accumulate_grad_batches=1"],
-        "slice": ["data.batch_size=4"],
+        # memory, not time, sets these on a 2-core, 23 GB machine: fp32 activations of real-size inputs
+        # (stage 1 with 2 columns peaked at 10.6 GB; fracture_seq with 2 sequences of 15 crops of 384² was
+        # killed at 14 GB): one column, one sequence of 4 crops, 2 slices a batch
+        "stage1": ["data.batch_size=1", "data.val_batch_size=1"],
+        "stage2": ["data.batch_size=1", "data.n_slices=4", "trainer.accumulate_grad_batches=1"],
+        "slice": ["data.batch_size=2"],
         "stages": [
             "trainer=cpu",
             "trainer.precision=32-true",
@@ -384,8 +387,9 @@ def markdown(result: dict) -> str:
     if p["mode"] == "cpu":
         lines += [
             "",
-            "**CPU mode**: fp32, small batches (stage 1: 2 columns, fracture_seq: 2 vertebra sequences, "
-            "fracture_b5: 4 slices), random init. Its samples/s measure this CPU, not a GPU: for the 6 h "
+            "**CPU mode**: fp32, small batches (stage 1: 1 column, fracture_seq: 1 vertebra sequence of 4 "
+            "crops instead of 15, fracture_b5: 2 slices: the memory of a 23 GB machine), random init. "
+            "Its samples/s measure this CPU, not a GPU: for the 6 h "
             "goal the table gives what a GPU must reach per stage (**required**) and timm's published RTX "
             "3090 training throughput scaled to the input size by pixel count (**projection**, not a "
             "measurement; an H100 is faster than a 3090). Peak memory is the training process's resident "
