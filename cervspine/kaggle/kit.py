@@ -29,6 +29,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -133,8 +134,8 @@ def fetch_wheels(
     pins: list[str], dest: Path, python_version: str | None = None, plat: str | None = None
 ) -> None:
     """A wheel of each pin in ``dest``: this platform's (built from the sdist where there is no wheel), or
-    the binary wheels of ``python_version``/``plat`` (sdist-only packages built here: pure Python ones are
-    portable)."""
+    the binary wheels of ``python_version``/``plat``; a pin without one is built here only where that
+    gives a pure-Python wheel (portable), else it is an error naming it (build the kit with that Python)."""
     dest.mkdir(parents=True, exist_ok=True)
     if not (python_version or plat):
         subprocess.run(_pip("wheel", "--no-deps", "-q", "-w", str(dest), *pins), check=True)
@@ -145,16 +146,24 @@ def fetch_wheels(
         got = subprocess.run(
             _pip("download", "--no-deps", "-q", "--only-binary=:all:", "-d", str(dest), *target, pin)
         )
-        if got.returncode:
-            log.warning("%s: no binary wheel for the target, building one here", pin)
-            subprocess.run(_pip("wheel", "--no-deps", "-q", "-w", str(dest), pin), check=True)
+        if got.returncode == 0:
+            continue
+        with tempfile.TemporaryDirectory(prefix="cervspine-kit-") as tmp:
+            subprocess.run(_pip("wheel", "--no-deps", "-q", "-w", tmp, pin), check=True)
+            (built,) = Path(tmp).glob("*.whl")
+            if not built.name.endswith(("-py3-none-any.whl", "-py2.py3-none-any.whl")):
+                raise RuntimeError(
+                    f"{pin} has no wheel for Python {python_version or 'here'} on {plat or 'this platform'} "
+                    f"and builds only for this interpreter ({built.name}): build the kit with that Python "
+                    "(its venv: make kaggle-kit PYTHON=… or VENV=…), or pin another version"
+                )
+            log.warning("%s: no binary wheel for the target; built %s here", pin, built.name)
+            shutil.move(str(built), dest / built.name)
 
 
 def project_wheel(dest: Path, project: Path = PROJECT_DIR) -> Path:
     """cervspine's own wheel, built from a copy of the source tree this module runs from (the build leaves
     nothing in the tree)."""
-    import tempfile
-
     if not (project / "pyproject.toml").is_file():
         raise RuntimeError(f"{project}: no pyproject.toml (cervspine packs itself from its source tree)")
     for old in dest.glob("cervspine-*.whl"):
