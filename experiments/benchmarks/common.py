@@ -234,15 +234,26 @@ def _building(path: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def bench_study(transfer_syntax: str, *, size: int = 512, n_slices: int = 350, seed: int = 0) -> Path:
-    """One realistic 512×512×350 study (int16, slice spacing 0.625 mm) written once under data/bench."""
-    path = BENCH_DATA / f"study_{size}x{n_slices}_{transfer_syntax}_s{seed}"
+def bench_study(
+    transfer_syntax: str, *, size: int = 512, n_slices: int = 350, seed: int = 0, slice_spacing: float = 0.625
+) -> Path:
+    """One realistic 512×512×350 study (int16, slices ``slice_spacing`` mm apart) written once under
+    data/bench."""
+    spacing = "" if slice_spacing == 0.625 else f"_{slice_spacing:g}mm"
+    path = BENCH_DATA / f"study_{size}x{n_slices}{spacing}_{transfer_syntax}_s{seed}"
     if not _stamp(path).is_file():
         from cervspine.synthetic import write_study
 
         t0 = time.perf_counter()
         with _building(path) as tmp:
-            write_study(tmp, seed=seed, size=size, n_slices=n_slices, transfer_syntax=transfer_syntax)
+            write_study(
+                tmp,
+                seed=seed,
+                size=size,
+                n_slices=n_slices,
+                slice_spacing=slice_spacing,
+                transfer_syntax=transfer_syntax,
+            )
         print(f"wrote {path} in {time.perf_counter() - t0:.1f} s", flush=True)
     return path
 
