@@ -5,6 +5,10 @@ match their checksums, is refused with a :class:`BundleError` naming the file or
 Schema (version 1)::
 
     format, version, created, cervspine {version, git_commit}, exported_with {torch, onnx, opset}
+    export_check           per graph file: max_abs_diff of ONNX Runtime vs the torch module on the
+                           export's example inputs (uniform noise), its tolerance: 1e-4, or where the
+                           module is ill-conditioned there, 10× its sensitivity (the change of its
+                           outputs when the inputs move by ~2 float32 ulps), recorded under sensitivity
     image_size             the cache size studies are read at (the stages' training caches)
     synthetic              the models were trained on generated data
     stage1                 a stage (below), kind "slice" | "column"
