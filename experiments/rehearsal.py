@@ -66,6 +66,9 @@ STAGES = {  # pipeline step → (stage key, backbone, input size, samples of one
     "train_stage2": ("stage2", "tf_efficientnetv2_s", 384, SEQ_SAMPLES),
     "train_stage2_slice": ("stage2_ensemble.slice", "tf_efficientnet_b5", 384, SLICE_SAMPLES),
 }
+# 2-D images a training sample holds in the recipes (the CPU mode cuts fracture_seq's 15 to 4; stage 1's
+# column length is measured: the positions of a random part of each column)
+RECIPE_IMAGES = {"train_stage2": 15, "train_stage2_slice": 1}
 TRANSFER_SYNTAX = {"explicit": 0.6, "jpeg_lossless": 0.4, "implicit": 0.0, "rle": 0.0, "jpeg2000": 0.0}
 
 MODES = {
@@ -337,11 +340,14 @@ def project(mode: str, measured: dict, collected: dict, codecs: dict | None) -> 
     for step, (key, backbone, size, samples) in STAGES.items():
         st = collected["stages"][step]
         rate = st.get("train_samples_per_s")
-        imgs = st.get("images_per_sample") or 1
+        imgs = RECIPE_IMAGES.get(step) or st.get("images_per_sample") or 1
         need = samples / (BUDGET_H[step] * 3600)
         timm_rate, timm_size = TIMM_3090_TRAIN[backbone]
         timm_at_size = timm_rate * (timm_size / size) ** 2  # compute ∝ pixels: a first-order scaling
         loader = measured["loaders"].get(key, {})
+        per_image = (
+            loader["s_per_sample"] / loader["images_per_sample"] if loader.get("s_per_sample") else None
+        )
         out["stages"][step] = {
             "backbone": backbone,
             "input_size": size,
@@ -359,9 +365,8 @@ def project(mode: str, measured: dict, collected: dict, codecs: dict | None) -> 
             "timm_3090_images_per_s_at_size": timm_at_size,
             "timm_3090_hours": samples * imgs / timm_at_size / 3600,
             "loader_s_per_sample_1core": loader.get("s_per_sample"),
-            "loader_cores_for_required": need * loader["s_per_sample"]
-            if loader.get("s_per_sample")
-            else None,
+            "loader_images_per_sample": loader.get("images_per_sample"),
+            "loader_cores_for_required": need * imgs * per_image if per_image else None,
         }
     return out
 
@@ -392,8 +397,11 @@ def markdown(result: dict) -> str:
             "Its samples/s measure this CPU, not a GPU: for the 6 h "
             "goal the table gives what a GPU must reach per stage (**required**) and timm's published RTX "
             "3090 training throughput scaled to the input size by pixel count (**projection**, not a "
-            "measurement; an H100 is faster than a 3090). Peak memory is the training process's resident "
-            "memory with its loader workers.",
+            "measurement; an H100 is faster than a 3090). Peak memory: the resident memory of the "
+            "pipeline process with its loader workers; the stages train in that one process, so a later "
+            "stage's figure includes what the earlier ones left allocated. The machine was shared (load "
+            "average above 2 on 2 cores, see the first line): every CPU time here is pessimistic. The "
+            "CPU rows of stage-1 inference and predict are this CPU's; the GPU's needs are beside them.",
         ]
     lines += [
         "",
@@ -415,12 +423,12 @@ def markdown(result: dict) -> str:
     s1 = p["stage1_inference"]
     lines.append(
         f"| stage-1 inference | {_f(s1['slices_per_s'], ',.0f')} slices/s (study slices covered, 2 mm "
-        f"steps) | {_f(s1['full_set_hours'], '.2f')} h at that rate; needs "
+        f"steps; {p['mode'].upper()}) | {_f(s1['full_set_hours'], '.2f')} h at that rate; the budget needs "
         f"{s1['required_slices_per_s']:,.0f} slices/s | {s1['budget_h']} h |"
     )
     pr = p["predict"]
     lines.append(
-        f"| predict | {_f(pr['model_s_per_study'], '.1f')} s/study models "
+        f"| predict | {_f(pr['model_s_per_study'], '.1f')} s/study models ({p['mode'].upper()}) "
         f"({_f(pr['step_s_per_study'], '.1f')} s with loading) | {_f(pr['hidden_test_hours'], '.1f')} h "
         f"for {FULL['test_studies']:,} test studies; "
         f"evaluate of one fold ({FULL['val_studies']} studies): {_f(pr['val_fold_hours'], '.1f')} h | "
@@ -463,8 +471,8 @@ def markdown(result: dict) -> str:
         "",
         "Read the loader column with the decode cost: a compressed cache entry decodes each slice a sample "
         "reads (htj2k ≈ 300–600 slices/s a core, rehearsal_codecs.md); *loader cores for the required "
-        "rate* = required samples/s × loader s/sample — the DataLoader workers (`data.num_workers`) one GPU "
-        "needs.",
+        "rate* = the required images/s × the loader's seconds an image (measured on this shared CPU: "
+        "pessimistic) — the DataLoader workers (`data.num_workers`) one GPU needs.",
         "",
     ]  # fmt: skip
     return "\n".join(lines)
@@ -491,8 +499,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=OUT / "rehearsal", help="results: <out>.md and <out>.json")
     ap.add_argument("--markdown-only", action="store_true", help="rewrite <out>.md from <out>.json")
     args = ap.parse_args(argv)
-    if args.markdown_only:
+    if args.markdown_only:  # the projection again from the measured figures, and the table
         result = json.loads(args.out.with_suffix(".json").read_text())
+        codecs_path = OUT / "rehearsal_codecs.json"
+        codecs = json.loads(codecs_path.read_text()) if codecs_path.is_file() else None
+        result["projection"] = project(
+            result["projection"]["mode"], result["measured"], result["collected"], codecs
+        )
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
         args.out.with_suffix(".md").write_text(markdown(result))
         return result
     mode = ("gpu" if torch.cuda.is_available() else "cpu") if args.mode == "auto" else args.mode
