@@ -300,3 +300,26 @@ def test_auto_threads_leave_the_busy_cores_to_others():
     assert resolve_threads(None) is None and resolve_threads("3") == 3 and resolve_threads(0) == 1
     assert 1 <= resolve_threads("auto") <= (len(__import__("os").sched_getaffinity(0)))
     assert Runtime.create("cpu", num_threads="auto").num_threads >= 1
+
+
+def test_the_export_check_allows_for_rounding_an_ill_conditioned_module_amplifies(tmp_path):
+    """On noise inputs a network fitted to CT can amplify float32 rounding far past 1e-4: the export check
+    then allows 10× the module's own sensitivity to 2-ulp input changes, and still refuses a wrong graph."""
+    import torch
+
+    from cervspine.bundle.export import check_graph, sensitivity
+    from cervspine.bundle.graphs import GraphSpec, export_graph
+
+    torch.manual_seed(0)
+    calm = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
+    wild = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 4))
+    with torch.no_grad():
+        wild[0].weight.mul_(1e4)
+        wild[1].weight.mul_(1e4)
+    x = {"x": torch.rand(8, 64)}
+    assert sensitivity(GraphSpec(calm, x, ["y"])) < 1e-5 < 1e-1 < sensitivity(GraphSpec(wild, x, ["y"]))
+    spec = GraphSpec(calm, x, ["y"], {"x": {0: "batch"}})
+    export_graph(spec, tmp_path / "calm.onnx")
+    assert check_graph(spec, tmp_path / "calm.onnx") <= TOL
+    other = GraphSpec(torch.nn.Sequential(torch.nn.Linear(64, 4)), x, ["y"])  # the graph of another module
+    assert check_graph(other, tmp_path / "calm.onnx") > 10 * sensitivity(other)
