@@ -10,8 +10,7 @@ the model cannot learn where a scan starts or ends; validation and inference rea
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import albumentations as A
@@ -20,62 +19,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from cervspine.cache import CachedStudy
+from cervspine.data.column_sampler import ColumnSampler, spacing_mm
 from cervspine.data.datamodules import RsnaDataModule
-from cervspine.data.transforms import WINDOWS, StackSpec, apply_windows, build_augment, resize_hwc
-
-
-@dataclass(frozen=True)
-class ColumnSampler:
-    """Slices → positions of the column sequence, and their model inputs."""
-
-    input_size: int = 64
-    context: int = 1
-    windows: tuple[tuple[float, float], ...] = (WINDOWS["bone"],)
-    z_step_mm: float = 2.0
-    max_positions: int = 320
-
-    @classmethod
-    def from_hparams(cls, hp: Mapping[str, Any]) -> ColumnSampler:
-        stack, d = StackSpec.from_hparams(hp), cls
-        return cls(
-            stack.input_size,
-            stack.context,
-            tuple(stack.hu_windows),
-            float(hp.get("z_step_mm", d.z_step_mm)),
-            int(hp.get("max_positions", d.max_positions)),
-        )
-
-    @property
-    def channels(self) -> int:
-        return (2 * self.context + 1) * len(self.windows)
-
-    def stride(self, dz_mm: float) -> int:
-        """Slices between positions for slices ``dz_mm`` apart."""
-        return max(1, int(round(self.z_step_mm / max(float(dz_mm), 1e-3))))
-
-    def positions(self, num_slices: int, dz_mm: float, offset: int = 0) -> np.ndarray:
-        """Slice indices of the positions (every ``stride``-th slice from ``offset``)."""
-        return np.arange(min(offset, num_slices - 1), num_slices, self.stride(dz_mm))
-
-    def inputs(self, volume: np.ndarray, idx: np.ndarray, dz_mm: float) -> np.ndarray:
-        """(L, C, S, S) float32 of the positions ``idx``: each a window-major 2.5D stack of the slices
-        ``idx ± j·stride`` (clamped at the scan's ends); only the slices needed are read and windowed."""
-        k, z = self.stride(dz_mm), volume.shape[0]
-        offsets = np.arange(-self.context, self.context + 1) * k
-        need = np.clip(np.asarray(idx)[:, None] + offsets[None, :], 0, z - 1)  # (L, K)
-        uniq, inv = np.unique(need, return_inverse=True)
-        win = apply_windows(np.asarray(volume[uniq]), self.windows, axis=1)  # (U, nW, H, W)
-        if win.shape[2:] != (self.input_size, self.input_size):
-            win = np.stack(
-                [resize_hwc(w.transpose(1, 2, 0), self.input_size).transpose(2, 0, 1) for w in win]
-            )
-        stacks = win[inv.reshape(need.shape)]  # (L, K, nW, S, S)
-        return np.ascontiguousarray(stacks.transpose(0, 2, 1, 3, 4).reshape(len(idx), -1, *win.shape[2:]))
-
-
-def spacing_mm(study: CachedStudy) -> float:
-    """A cached study's slice spacing along z (mm)."""
-    return float(study.meta["spacing"][0])
+from cervspine.data.transforms import build_augment
 
 
 class VertebraeColumnDataset(Dataset):

@@ -3,8 +3,7 @@ their 2.5D inputs (:class:`ColumnSampler`), and the per-position answers spread 
 (:func:`to_every_slice`). What the column model's inference needs of :mod:`cervspine.data.column`
 without its Dataset/DataModule (torch, albumentations), so a model bundle's runtime can use it.
 
-Until :mod:`cervspine.data.column` imports these from here, it holds the same definitions (the bundle's
-tests check that both give the same inputs).
+:mod:`cervspine.data.column` (training) and :mod:`cervspine.inference.column_stage1` import them from here.
 """
 
 from __future__ import annotations

@@ -6,22 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from cervspine.cache import CachedStudy
-from cervspine.data.column import ColumnSampler, spacing_mm
+from cervspine.data.column_sampler import ColumnSampler, spacing_mm, to_every_slice
 from cervspine.inference.checkpoints import TrainedStage, load_module
 from cervspine.inference.runtime import Runtime
 from cervspine.inference.stage1 import Stage1Output, register_stage1
 from cervspine.models.column import VertebraeColumnDetector
-
-
-def to_every_slice(values: np.ndarray, positions: np.ndarray, num_slices: int) -> np.ndarray:
-    """(L, K) values at slice ``positions`` → (Z, K), linear between positions, held beyond the ends."""
-    z = np.arange(num_slices)
-    cols = [np.interp(z, positions, values[:, k]) for k in range(values.shape[1])]
-    return np.stack(cols, axis=1).astype(np.float32)
 
 
 @register_stage1("VertebraeColumnDetector")
