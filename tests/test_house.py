@@ -202,7 +202,7 @@ def test_backbone_is_a_target_partial_that_name_still_overrides(tmp_path):
     )  # an older checkpoint's dict
     assert [p.shape for p in old.parameters()] == [p.shape for p in reference.parameters()]
     with hydra_config("train", ["experiment=fracture_demo"], tmp_path) as cfg:
-        assert cfg.model.backbone.name == "resnet18"  # the recipe's own
+        assert cfg.model.backbone.name == "resnet10t"  # the recipe's own
 
 
 # --------------------------------------------------------------------------------- cache image size
