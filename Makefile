@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEMO_DIR ?= data/synthetic_demo_v4
+DEMO_DIR ?= data/synthetic_demo_v5
 PYTEST_ARGS ?=
 
 .PHONY: help install demo demo-quality print-demo-synth test test-slow bench rehearsal lint format fuzz clean browser dicom-tools
@@ -24,9 +24,10 @@ install: $(STAMP) ## create .venv and install cervspine with its test extras
 # drawn 6–10 mm wide to span the 3–6 px that 1–2 mm breaks span at 512² (generator default: 1.5–4.5 mm).
 # variant=mixed draws each study's generator variant (the historic one, each cue-removing option alone, all of
 # them: one C3–C7 shape family, random z-coverage to scale, FOV and position, 0.5–3 mm slices, subtle
-# fractures of 1–2 cache pixels), so no level can be told by its size or its place in the stack. 300 training
-# studies, not 150: both stages draw a fixed number of samples per epoch, so twice the studies cost only
-# synthesis and preprocessing time (~1.5 min) and halved the held-out gap (experiments/demo_quality.md).
+# fractures of 1–2 cache pixels, a neck outline not tied to the levels), so no level can be told by its
+# size, the soft tissue around it or its place in the stack. 300 training studies, not 150: both stages
+# draw a fixed number of samples per epoch, so twice the studies cost only synthesis and preprocessing
+# time (~1.5 min) and halved the held-out gap (experiments/demo_quality.md).
 DEMO_SYNTH ?= n_train=300 n_test=10 size=128 seed=0 seg_fraction=0.3 workers=2 variant=mixed \
 	'fracture_gap_mm=[6,10]' 'fracture_shift_mm=[6,10]'
 DEMO_ARGS ?=

@@ -33,10 +33,11 @@ from cervspine.inference import Runtime, load_stage1
 from cervspine.io.rsna import RsnaIndex
 from cervspine.runs.layout import STAGE_DIRS, best_checkpoint
 from cervspine.scoring.metrics import bootstrap_ci, classification_report, prior_baseline, rsna_score
+from cervspine.synthetic import VARIANTS as GENERATOR_VARIANTS
 from experiments.stage1_localisation import cached, localisation
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("default", "uniform", "coverage", "fov", "thickness", "subtle", "hard")
+VARIANTS = tuple(GENERATOR_VARIANTS)  # default, uniform, coverage, fov, thickness, subtle, neck, hard
 TARGET_RATIO, TARGET_AUROC = 0.5, 0.9
 HOLDOUT_SEED = 101
 

@@ -80,6 +80,33 @@ def test_uniform_subaxial_shape_hides_the_level() -> None:
     assert graded.levels["C7"] != uniform.levels["C7"]
 
 
+# ------------------------------------------------------------------------------------- neck outline
+
+
+def test_random_neck_outline_is_no_level_ruler() -> None:
+    """levels: the shoulders start at a fixed place of C6; random: anywhere, whatever the column.
+    Bones, levels and labels stay as they were: only the soft tissue around them moves."""
+    offsets = {"levels": [], "random": []}
+    for seed in range(200, 216):
+        for neck in offsets:
+            anat = study_anatomy(seed, PhantomParams(neck_outline=neck))
+            c6 = 0.5 * sum(anat.levels["C6"])
+            offsets[neck].append(anat.knots["outline_s"][4] - c6)  # where the neck starts to widen
+            assert np.all(np.diff(anat.knots["outline_s"]) > 0) and np.all(
+                np.diff(anat.knots["airway_s"]) > 0
+            )
+    assert np.ptp(offsets["levels"]) < 1e-9  # always 10 mm above the middle of C6
+    assert np.std(offsets["random"]) > 8.0, offsets["random"]  # some levels away, either side
+    params = dict(size=48, n_slices=50, slice_spacing=2.0, fractured=("C5",))
+    ruler = make_phantom(7, PhantomParams(**params))
+    free = make_phantom(7, PhantomParams(**params, neck_outline="random"))
+    assert np.array_equal(ruler.labels, free.labels)  # the same spine, the same segmentation
+    soft = (ruler.labels == 0) & (np.abs(ruler.volume.astype(int) - free.volume.astype(int)) > 100)
+    assert soft.mean() > 0.01  # the neck around it differs
+    with pytest.raises(ValueError, match="neck_outline"):
+        folder_spec("default", neck_outline="flat")
+
+
 # --------------------------------------------------------------------------------------- z coverage
 
 
@@ -289,13 +316,14 @@ def test_presets_and_explicit_options() -> None:
     assert hard == {
         "spacing": (0.5, 3.0),
         "subaxial_shape": "uniform",
+        "neck_outline": "random",
         "z_coverage": "random",
         "fov_mm": (130.0, 250.0),
         "centre_shift_mm": 20.0,
         "subtle_fraction": 0.5,
     }
     default = resolve_options("default")
-    for name in ("uniform", "coverage", "fov", "thickness", "subtle"):  # each one part of hard
+    for name in ("uniform", "coverage", "fov", "thickness", "subtle", "neck"):  # each one part of hard
         changed = {k: v for k, v in resolve_options(name).items() if v != default[k]}
         assert changed and all(
             hard[k] == v for k, v in changed.items() if (name, k) != ("thickness", "z_coverage")
@@ -316,7 +344,7 @@ def test_presets_and_explicit_options() -> None:
         (0.5, 3.0),
         0.5,
     )
-    assert set(VARIANTS) == {"default", "uniform", "coverage", "fov", "thickness", "subtle", "hard"}
+    assert set(VARIANTS) == {"default", "uniform", "coverage", "fov", "thickness", "subtle", "neck", "hard"}
     with pytest.raises(ValueError, match="unknown variant"):
         resolve_options("harder")
     with pytest.raises(ValueError, match="z_coverage"):
@@ -390,7 +418,7 @@ def test_mixed_folder_draws_each_studys_variant_and_applies_it(tmp_path: Path) -
     spec = folder_spec("mixed", n_train=60, n_test=0, size=32, seed=4)
     plans = plan_folder(spec)
     drawn = [p.variant_spec.variant for p in plans]
-    assert set(drawn) == set(VARIANTS)  # every variant drawn in 60 studies (each p = 1/7)
+    assert set(drawn) == set(VARIANTS)  # every variant drawn in 60 studies (each p = 1/8)
     for p in plans:
         v = p.variant_spec
         assert v.z_coverage == {"coverage": "random", "hard": "random", "thickness": "full"}.get(

@@ -180,7 +180,7 @@ def test_vertebrae_detector_learns_on_held_out_synthetic_studies(tmp_path):
         f"data.root={root}",
         *TINY_DATA,
         *TINY_STAGE1,
-        "data.slice_step=1",  # every slice of these 60-70-slice studies (the recipe's 3 is for 300-slice scans)
+        "data.slice_step=1",  # every slice of these 60-70-slice studies (the recipe steps 3 on 300)
         "trainer.max_epochs=3",
         "print_config=false",
     ]

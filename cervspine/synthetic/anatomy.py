@@ -6,8 +6,10 @@ with the dens), C3..T3 (optionally T4), the skull base and jaw, and the first ri
 
 C3–C7 are ``graded`` (sizes growing C3 → C7, as the generator always drew them) or ``uniform``: one shape
 family with a per-study scale (sd ≈ 12 %) far wider than the few-per-cent, trendless level-to-level jitter,
-so that a level cannot be told from its cross-section. The extra draws of ``uniform`` and T4 come from a
-separate stream, so the default anatomy is unchanged.
+so that a level cannot be told from its cross-section. The neck outline and airway change at fixed places
+of the column (``levels``) or at places and widths drawn per study (``random``), so that the soft tissue
+around a slice does not tell its level either. The extra draws of ``uniform``, ``random`` and T4 come from
+a separate stream, so the default anatomy is unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ SUBAXIAL = ("C3", "C4", "C5", "C6", "C7")
 LEVELS = ("C1", "C2", *SUBAXIAL, *THORACIC)
 LABELS = {name: i + 1 for i, name in enumerate(LEVELS)}  # 1..7 = C1..C7, 8.. = T1..
 SUBAXIAL_SHAPES = ("graded", "uniform")
+# levels: the neck outline and airway change at fixed places of the column (head above C2, narrowest at
+# C3–C5, shoulders from C6 to T1), a ruler a slice-level model can read; random: those places and widths
+# drawn per study, independent of where the levels are
+NECK_OUTLINES = ("levels", "random")
 _SPINOUS = {"C3": 14, "C4": 14, "C5": 15, "C6": 19, "C7": 27}  # graded spinous process length, mm
 # uniform C3–C7: one template (the graded means), mm: body w, d, canal w, d; spinous; body height
 _UNIFORM = {"dims": (18.5, 16.0, 24.5, 15.0), "spinous": 18.0, "height": 14.3}
@@ -236,20 +242,42 @@ def _ribs(f: float, vertebra: Bone, dims: tuple[float, ...]) -> Bone:
     return Bone(f"rib_{vertebra.name}", 0, {"bone": Component(tuple(parts))})
 
 
-def _knots(f: float, fn: float, dims: dict[str, tuple[float, ...]], levels: dict) -> dict[str, np.ndarray]:
-    """Knots in s for the body outline, airway and canal (interpolated per slice)."""
+def _increasing(s: np.ndarray) -> np.ndarray:
+    """Knot positions made strictly increasing (np.interp needs it)."""
+    s = np.maximum.accumulate(np.asarray(s, dtype=float))
+    return s + 1e-3 * np.arange(len(s))
+
+
+def _knots(
+    f: float,
+    fn: float,
+    dims: dict[str, tuple[float, ...]],
+    levels: dict,
+    neck: np.random.Generator | None = None,
+) -> dict[str, np.ndarray]:
+    """Knots in s for the body outline, airway and canal (interpolated per slice). With ``neck`` (the
+    ``random`` neck outline) the head's knots move by one per-study shift, the shoulders start at a place
+    drawn independently of C6/T1 and every outline width gets its own factor."""
     mid = {k: 0.5 * (a + b) for k, (a, b) in levels.items()}
     c6, t1 = mid["C6"], mid["T1"]
+    head, wa, wb = 0.0, np.ones(8), np.ones(8)
+    if neck is not None:
+        head = float(neck.uniform(-20.0, 20.0))
+        c6 = float(neck.uniform(80.0, 130.0))  # anywhere from about C5 to C7 of a typical column
+        t1 = c6 + float(neck.uniform(25.0, 60.0))
+        wa, wb = neck.uniform(0.88, 1.12, size=8), neck.uniform(0.88, 1.12, size=8)
     out = {
-        "outline_s": np.array([-90, -10, 25, 45, c6 - 10, t1, t1 + 30, t1 + 90]),
-        "outline_a": fn * np.array([75, 72, 68, 58, 58, 78, 98, 118]),
-        "outline_b": fn * np.array([88, 86, 80, 60, 58, 64, 72, 82]),
+        "outline_s": np.array([-90 + head, -10 + head, 25 + head, 45 + head, c6 - 10, t1, t1 + 30, t1 + 90]),
+        "outline_a": fn * wa * np.array([75, 72, 68, 58, 58, 78, 98, 118]),
+        "outline_b": fn * wb * np.array([88, 86, 80, 60, 58, 64, 72, 82]),
         "outline_cy": np.array([-10, -15, -18, 0, 2, 5, 10, 15]) * fn,
-        "airway_s": np.array([-40, 20, 45, c6 - 20, t1, t1 + 90]),
+        "airway_s": np.array([-40 + head, 20 + head, 45 + head, c6 - 20, t1, t1 + 90]),
         "airway_a": f * np.array([14, 15, 12, 9, 8, 8]),
         "airway_b": f * np.array([9, 7, 7, 8, 8, 8]),
         "airway_cy": f * np.array([-24, -20, -22, -28, -32, -36]),
     }
+    if neck is not None:  # the drawn places may cross: keep the knots in order
+        out["outline_s"], out["airway_s"] = _increasing(out["outline_s"]), _increasing(out["airway_s"])
     names = [n for n in LEVELS[1:] if n in levels]
     canal_s = [mid["C1"]] + [mid[n] for n in names]
     canal = [(14 * f, 11 * f, 9.5 * f)] + [
@@ -276,6 +304,7 @@ def build_anatomy(
     subaxial_shape: str = "graded",
     n_thoracic: int = 3,
     rng_extra: np.random.Generator | None = None,
+    neck_outline: str = "levels",
 ) -> Anatomy:
     """Draw one study's anatomy: sizes, level heights, HU values and curvature.
 
@@ -284,6 +313,8 @@ def build_anatomy(
     """
     if subaxial_shape not in SUBAXIAL_SHAPES or n_thoracic not in (3, 4):
         raise ValueError(f"subaxial_shape must be one of {SUBAXIAL_SHAPES}, n_thoracic 3 or 4")
+    if neck_outline not in NECK_OUTLINES:
+        raise ValueError(f"neck_outline must be one of {NECK_OUTLINES}, got {neck_outline!r}")
     f, fz, fn = rng.uniform(0.9, 1.12), rng.uniform(0.9, 1.1), rng.uniform(0.88, 1.12)
     sizes = _level_sizes(rng, fz)
     dims = _dims(rng, f)
@@ -293,6 +324,7 @@ def build_anatomy(
         _uniform_subaxial(extra, f, fz, sizes, dims, spinous)
     if n_thoracic == 4:
         _add_t4(extra, f, fz, sizes, dims)
+    neck = extra if neck_outline == "random" else None  # drawn after the other extra draws
     levels = _layout(sizes)
     bones = [_atlas(f, *levels["C1"]), _axis(f, *levels["C2"], dims["C2"], levels["C1"][0])]
     bones += [
@@ -313,7 +345,7 @@ def build_anatomy(
     return Anatomy(
         bones=bones,
         discs=_discs(levels, dims),
-        knots=_knots(f, fn, dims, levels),
+        knots=_knots(f, fn, dims, levels, neck),
         levels=levels,
         hu=hu,
         fat_mm=rng.uniform(4, 12) * fn,

@@ -174,6 +174,7 @@ def _variant_row(spec: FolderSpec, p: StudyPlan) -> dict[str, Any]:
     return {
         "variant": spec.variant,
         "subaxial_shape": spec.subaxial_shape,
+        "neck_outline": spec.neck_outline,
         "z_coverage": spec.z_coverage,
         "spacing_range_mm": f"{spec.spacing[0]:g}-{spec.spacing[1]:g}",
         "fov_range_mm": "" if spec.fov_mm is None else f"{spec.fov_mm[0]:g}-{spec.fov_mm[1]:g}",
@@ -244,6 +245,7 @@ def write_rsna_folder(
     overwrite: bool = False,
     variant: str = "default",
     subaxial_shape: str | None = None,
+    neck_outline: str | None = None,
     z_coverage: str | None = None,
     fov_mm: Iterable[float] | str | bool | None = None,
     centre_shift_mm: float | None = None,
@@ -274,6 +276,7 @@ def write_rsna_folder(
         fracture_gap_mm=_pair(fracture_gap_mm, float),
         fracture_shift_mm=_pair(fracture_shift_mm, float),
         subaxial_shape=subaxial_shape,
+        neck_outline=neck_outline,
         z_coverage=z_coverage,
         fov_mm=fov_mm,
         centre_shift_mm=centre_shift_mm,
@@ -293,7 +296,15 @@ def _pair(values: Iterable[Any], kind: type) -> tuple[Any, Any]:
     return lo, hi
 
 
-_OPTIONS = ("spacing", "subaxial_shape", "z_coverage", "fov_mm", "centre_shift_mm", "subtle_fraction")
+_OPTIONS = (
+    "spacing",
+    "subaxial_shape",
+    "neck_outline",
+    "z_coverage",
+    "fov_mm",
+    "centre_shift_mm",
+    "subtle_fraction",
+)
 
 
 def _summary(

@@ -52,6 +52,7 @@ class PhantomParams:
     fracture_gap_mm: tuple[float, float] = (1.5, 4.5)
     fracture_shift_mm: tuple[float, float] = (1.5, 4.5)
     subaxial_shape: str = "graded"  # "uniform": C3–C7 of one shape family (see anatomy)
+    neck_outline: str = "levels"  # "random": neck outline and airway not tied to the levels (see anatomy)
     n_thoracic: int = 3  # 4: build T4 too (random z coverage may reach it)
     scan_s: tuple[float, float] | None = None  # to-scale scanned s-range (mm); None: fitted to the stack
     placement: Placement | None = None  # field of view and in-plane spine shift; None: the default draw
@@ -102,7 +103,11 @@ def _streams(rng: np.random.Generator | int) -> list[np.random.Generator]:
 
 def _anatomy(rng_anat: np.random.Generator, rng_extra: np.random.Generator, params: PhantomParams) -> Anatomy:
     return build_anatomy(
-        rng_anat, subaxial_shape=params.subaxial_shape, n_thoracic=params.n_thoracic, rng_extra=rng_extra
+        rng_anat,
+        subaxial_shape=params.subaxial_shape,
+        n_thoracic=params.n_thoracic,
+        rng_extra=rng_extra,
+        neck_outline=params.neck_outline,
     )
 
 

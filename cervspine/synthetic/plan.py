@@ -19,7 +19,7 @@ import numpy as np
 
 from cervspine import VERTEBRAE
 from cervspine.io.rsna import KNOWN_BAD_STUDIES
-from cervspine.synthetic.anatomy import SUBAXIAL_SHAPES
+from cervspine.synthetic.anatomy import NECK_OUTLINES, SUBAXIAL_SHAPES
 from cervspine.synthetic.coverage import MIN_FRACTURE_MM, Z_COVERAGES, Placement, scan_window, scanned_mm
 from cervspine.synthetic.dicom_writer import DicomOptions, transfer_syntax_uid
 from cervspine.synthetic.phantom import UID_ROOT, PhantomParams, study_anatomy
@@ -130,6 +130,7 @@ class FolderSpec:
     fracture_shift_mm: tuple[float, float] = (1.5, 4.5)
     variant: str = "default"  # the preset these options came from (recorded only)
     subaxial_shape: str = "graded"
+    neck_outline: str = "levels"
     z_coverage: str = "fitted"
     fov_mm: tuple[float, float] | None = None
     centre_shift_mm: float = 0.0
@@ -149,6 +150,8 @@ class FolderSpec:
                 f"subaxial_shape must be one of {SUBAXIAL_SHAPES} (got {self.subaxial_shape!r}), "
                 f"z_coverage one of {Z_COVERAGES} (got {self.z_coverage!r})"
             )
+        if self.neck_outline not in NECK_OUTLINES:
+            raise ValueError(f"neck_outline must be one of {NECK_OUTLINES} (got {self.neck_outline!r})")
         if self.fov_mm is not None and not 0 < self.fov_mm[0] <= self.fov_mm[1]:
             raise ValueError(f"bad fov_mm range {self.fov_mm}")
         if self.centre_shift_mm < 0 or not 0 <= self.subtle_fraction <= 1 or self.subtle_cache_size < 8:
@@ -171,6 +174,7 @@ def _variant_params(spec: FolderSpec, params: PhantomParams, seed: int, key: lis
     params = replace(
         params,
         subaxial_shape=spec.subaxial_shape,
+        neck_outline=spec.neck_outline,
         n_thoracic=4 if spec.z_coverage == "random" else 3,
         subtle_fraction=spec.subtle_fraction,
         subtle_cache_size=spec.subtle_cache_size,
@@ -250,7 +254,15 @@ def _study_spec(spec: FolderSpec, key: list[int]) -> FolderSpec:
     return replace(spec, variant=name, **resolve_options(name))
 
 
-_VARIANT_FIELDS = ("variant", "subaxial_shape", "z_coverage", "fov_mm", "centre_shift_mm", "subtle_fraction")
+_VARIANT_FIELDS = (
+    "variant",
+    "subaxial_shape",
+    "neck_outline",
+    "z_coverage",
+    "fov_mm",
+    "centre_shift_mm",
+    "subtle_fraction",
+)
 
 
 def uses_variants(spec: FolderSpec) -> bool:

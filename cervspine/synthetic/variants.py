@@ -9,6 +9,7 @@ coverage   ``z_coverage=random``: to scale, scans from skull base..C1/C2 to mid-
 fov        ``fov_mm=[130, 250]``, ``centre_shift_mm=20``: pixel spacing 0.25–0.5 mm at 512², spine moved
 thickness  ``spacing=[0.5, 3.0]``, ``z_coverage=full``: 0.5–3 mm slices, to scale (count = coverage/spacing)
 subtle     ``subtle_fraction=0.5``: half the fractured vertebrae 1–2 px gaps, 1 px step-off at the cache size
+neck       ``neck_outline=random``: neck outline and airway change at places drawn per study, not at levels
 hard       all of the above (z coverage random)
 mixed      each study one of the above, drawn with equal odds (its variant is in the manifest)
 ========== ==========================================================================================
@@ -26,6 +27,7 @@ from cervspine.synthetic.plan import FolderSpec
 DEFAULTS: dict[str, Any] = {
     "spacing": (0.5, 1.25),
     "subaxial_shape": "graded",
+    "neck_outline": "levels",
     "z_coverage": "fitted",
     "fov_mm": None,
     "centre_shift_mm": 0.0,
@@ -38,12 +40,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fov": {"fov_mm": (130.0, 250.0), "centre_shift_mm": 20.0},
     "thickness": {"spacing": (0.5, 3.0), "z_coverage": "full"},
     "subtle": {"subtle_fraction": 0.5},
+    "neck": {"neck_outline": "random"},
 }
 VARIANTS["hard"] = {
     **VARIANTS["uniform"],
     **VARIANTS["fov"],
     **VARIANTS["thickness"],
     **VARIANTS["subtle"],
+    **VARIANTS["neck"],
     **VARIANTS["coverage"],
 }
 _OFF = ("off", "none", "false", "default")
