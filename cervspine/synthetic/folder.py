@@ -29,6 +29,7 @@ from cervspine.synthetic.dicom_writer import file_numbers, transfer_syntax_uid, 
 from cervspine.synthetic.nifti_writer import write_segmentation_nifti
 from cervspine.synthetic.phantom import UID_ROOT, PhantomParams, SyntheticStudy, make_phantom
 from cervspine.synthetic.plan import FolderSpec, Quirks, StudyPlan, as_quirks, plan_folder, uses_variants
+from cervspine.synthetic.variants import DEFAULTS as OPTION_DEFAULTS
 from cervspine.synthetic.variants import folder_spec
 
 
@@ -296,15 +297,7 @@ def _pair(values: Iterable[Any], kind: type) -> tuple[Any, Any]:
     return lo, hi
 
 
-_OPTIONS = (
-    "spacing",
-    "subaxial_shape",
-    "neck_outline",
-    "z_coverage",
-    "fov_mm",
-    "centre_shift_mm",
-    "subtle_fraction",
-)
+_OPTIONS = tuple(OPTION_DEFAULTS)  # the cue-removing options (spacing, subaxial_shape, neck_outline, …)
 
 
 def _summary(
