@@ -9,7 +9,7 @@ The baseline is the prior: each target's prevalence in the demo's *training* fol
 study. Targets (issue 15): rsna_score ≤ 0.5 × the prior's, patient AUROC ≥ 0.9; stage-1 F1 ≥ 0.9 and
 extent error ≤ ½ a vertebra at every level. Writes JSON and a Markdown table. SYNTHETIC data throughout.
 
-    python -m experiments.demo_quality [--run outputs/pipeline/demo] [--train data/synthetic_demo_v4]
+    python -m experiments.demo_quality [--run outputs/pipeline/demo] [--train data/synthetic_demo_v5]
         [--variants default hard …] [--n 40] [--out experiments/demo_quality_variants.json]
 """
 
@@ -122,7 +122,7 @@ def markdown(result: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, default=ROOT / "outputs/pipeline/demo")
-    ap.add_argument("--train", type=Path, default=ROOT / "data/synthetic_demo_v4")
+    ap.add_argument("--train", type=Path, default=ROOT / "data/synthetic_demo_v5")
     ap.add_argument("--holdout-prefix", type=Path, default=None, help="default: <train>_holdout_")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--n", type=int, default=40, help="held-out studies per variant")
