@@ -39,7 +39,7 @@ def test_inputs_are_the_window_major_stacks_one_step_apart():
         np.testing.assert_allclose(row, want, atol=1e-6)
 
 
-def _dataset(train: bool, studies, augment=None) -> VertebraeColumnDataset:
+def _dataset(train: bool, studies, augment=None, z_step_jitter: float = 1.0) -> VertebraeColumnDataset:
     presence = [np.zeros((s.num_slices, 7), np.float32) for s in studies]
     boxes = []
     for s in studies:
@@ -48,7 +48,14 @@ def _dataset(train: bool, studies, augment=None) -> VertebraeColumnDataset:
         boxes.append(b)
     sampler = ColumnSampler(input_size=16, z_step_mm=2.0, max_positions=500)
     return VertebraeColumnDataset(
-        studies, presence, boxes, sampler, train=train, min_fraction=0.5, augment=augment
+        studies,
+        presence,
+        boxes,
+        sampler,
+        train=train,
+        min_fraction=0.5,
+        augment=augment,
+        z_step_jitter=z_step_jitter,
     )
 
 
@@ -63,6 +70,25 @@ def test_training_draws_random_parts_of_the_column_and_validation_reads_it_all()
     assert all((np.diff(d) == 4).all() for d in draws)  # still every 4th slice: 2 mm apart
     np.testing.assert_array_equal(val[0]["slices"].numpy(), np.arange(0, 120, 4))
     assert val[0]["step_mm"] == pytest.approx(2.0)
+
+
+def test_step_jitter_varies_the_training_step_and_leaves_validation_fixed():
+    torch.manual_seed(0)
+    study = _study(400, 0.25)  # strides of 8 slices at 2 mm: room for the jitter to show
+    train = _dataset(True, [study], z_step_jitter=1.5)
+    steps = []
+    for _ in range(40):
+        item = train[0]
+        stride = set(np.diff(item["slices"].numpy()).tolist())
+        assert len(stride) == 1  # one step per drawn column, positions evenly spaced
+        assert item["step_mm"] == pytest.approx(stride.pop() * 0.25)
+        steps.append(item["step_mm"])
+    assert min(steps) >= 2.0 / 1.5 - 0.25 and max(steps) <= 2.0 * 1.5 + 0.25
+    assert min(steps) < 1.75 and max(steps) > 2.25  # both shorter and longer steps are drawn
+    val = _dataset(False, [study], z_step_jitter=1.5)
+    assert {val[0]["step_mm"] for _ in range(5)} == {2.0}
+    with pytest.raises(ValueError, match="z_step_jitter"):
+        _dataset(True, [study], z_step_jitter=0.8)
 
 
 def test_one_augmentation_moves_every_position_and_its_box_alike():

@@ -11,6 +11,7 @@ the model cannot learn where a scan starts or ends; validation and inference rea
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import albumentations as A
@@ -37,8 +38,11 @@ class VertebraeColumnDataset(Dataset):
         *,
         train: bool = False,
         min_fraction: float = 0.5,
+        z_step_jitter: float = 1.0,
         augment: A.Compose | None = None,
     ):
+        if z_step_jitter < 1.0:
+            raise ValueError(f"z_step_jitter must be ≥ 1 (a factor), got {z_step_jitter}")
         self.studies, self.presence, self.boxes = list(studies), list(presence), list(boxes)
         self.sampler, self.train, self.min_fraction, self.augment = (
             sampler,
@@ -46,21 +50,27 @@ class VertebraeColumnDataset(Dataset):
             float(min_fraction),
             augment,
         )
+        self.z_step_jitter = float(z_step_jitter)
 
     def __len__(self) -> int:
         return len(self.studies)
 
-    def _positions(self, study: CachedStudy) -> np.ndarray:
+    def _positions(self, study: CachedStudy) -> tuple[np.ndarray, ColumnSampler]:
+        """The positions read and the sampler that reads them (training: a random step, offset and part)."""
         dz, n = spacing_mm(study), study.num_slices
         if not self.train:
             idx = self.sampler.positions(n, dz)
-            return idx[: self.sampler.max_positions]
+            return idx[: self.sampler.max_positions], self.sampler
         rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,)).item()))
-        idx = self.sampler.positions(n, dz, int(rng.integers(self.sampler.stride(dz))))
+        sampler = self.sampler
+        if self.z_step_jitter > 1.0:  # levels span varying position counts (the step is an input)
+            scale = float(np.exp(rng.uniform(-1.0, 1.0) * np.log(self.z_step_jitter)))
+            sampler = replace(sampler, z_step_mm=sampler.z_step_mm * scale)
+        idx = sampler.positions(n, dz, int(rng.integers(sampler.stride(dz))))
         lo = max(2, int(np.ceil(self.min_fraction * len(idx))))
         length = min(int(rng.integers(min(lo, len(idx)), len(idx) + 1)), self.sampler.max_positions)
         start = int(rng.integers(0, len(idx) - length + 1))
-        return idx[start : start + length]
+        return idx[start : start + length], sampler
 
     def _augment(self, image: np.ndarray, box: np.ndarray, has_box: np.ndarray) -> tuple[np.ndarray, ...]:
         """One random transform for every position (albumentations' ``images`` target), the boxes moved
@@ -77,8 +87,8 @@ class VertebraeColumnDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         study = self.studies[i]
-        idx = self._positions(study)
-        image = self.sampler.inputs(study.volume, idx, spacing_mm(study))
+        idx, sampler = self._positions(study)
+        image = sampler.inputs(study.volume, idx, spacing_mm(study))
         box = np.asarray(self.boxes[i][idx], dtype=np.float32)
         has_box = np.isfinite(box).all(axis=1)
         box = np.nan_to_num(box, nan=0.0)
@@ -89,7 +99,7 @@ class VertebraeColumnDataset(Dataset):
             "target": torch.from_numpy(np.asarray(self.presence[i][idx], dtype=np.float32)),
             "box": torch.from_numpy(box.astype(np.float32)),
             "box_mask": torch.from_numpy(has_box.astype(np.float32)),
-            "step_mm": float(self.sampler.stride(spacing_mm(study)) * spacing_mm(study)),
+            "step_mm": float(sampler.stride(spacing_mm(study)) * spacing_mm(study)),
             "slices": torch.from_numpy(idx.astype(np.int64)),
             "study_idx": int(i),
         }
@@ -116,7 +126,10 @@ class VertebraeColumnDataModule(RsnaDataModule):
     """Stage 1 with the column in view: the segmented training studies as slice sequences.
 
     ``epoch_size``: columns drawn (with replacement) per training epoch, each a new random part of a
-    study (None: one per training study); ``min_fraction``: the shortest part of a column drawn.
+    study (None: one per training study); ``min_fraction``: the shortest part of a column drawn;
+    ``z_step_jitter``: training columns are sampled ``z_step_mm`` × a log-uniform factor in
+    [1/jitter, jitter] apart (1: always ``z_step_mm``); the model is told each step, so it learns a level's
+    extent in mm rather than as a count of positions.
     """
 
     def __init__(
@@ -125,6 +138,7 @@ class VertebraeColumnDataModule(RsnaDataModule):
         z_step_mm: float = ColumnSampler.z_step_mm,
         max_positions: int = ColumnSampler.max_positions,
         min_fraction: float = 0.5,
+        z_step_jitter: float = 1.0,
         epoch_size: int | None = None,
         val_batch_size: int = 2,
         **kwargs,
@@ -133,6 +147,7 @@ class VertebraeColumnDataModule(RsnaDataModule):
         self.save_hyperparameters(ignore=["augment"], logger=False)
         self.sampler = ColumnSampler.from_hparams(dict(self.hparams))
         self.min_fraction, self.epoch_size = float(min_fraction), epoch_size
+        self.z_step_jitter = float(z_step_jitter)
         self.val_batch_size = int(val_batch_size)
 
     def setup(self, stage: str | None = None) -> None:
@@ -152,6 +167,7 @@ class VertebraeColumnDataModule(RsnaDataModule):
             self.sampler,
             train=train,
             min_fraction=self.min_fraction,
+            z_step_jitter=self.z_step_jitter if train else 1.0,
             augment=augment,
         )
 
