@@ -39,12 +39,12 @@ def _operating_point() -> dict:
     return choose_operating_point(y, np.clip(y * 0.3 + rng.random((40, 8)) * 0.7, 0, 1), n_boot=10).as_dict()
 
 
-def random_checkpoints(out: Path) -> dict[str, Path]:
+def random_checkpoints(out: Path, slice_root: str = "/nonexistent") -> dict[str, Path]:
     """Randomly initialised column stage 1 (2 windows), slice classifier (gated metadata, a calibration that
     is not the identity) and sequence model (box-mask channel, study head, logit shift) at 32²: equality
     with torch needs no training. (Not the premove 16² stage-2 models: their last convolution sees a 2×2
     map, where torch 2.14's CPU convolution returns NaN for a batch of one, and OpenVINO refuses the
-    pooling.)"""
+    pooling.) ``slice_root``: the data folder the slice classifier's checkpoint names."""
     import torch
 
     from cervspine.bundle.export import save_checkpoint
@@ -65,15 +65,17 @@ def random_checkpoints(out: Path) -> dict[str, Path]:
     sequence.logit_shift.copy_(torch.tensor([0.3, -0.2]))
     return {
         "column": save_checkpoint(column, {**base, "windows": ["bone", "soft"]}, out / "column.ckpt"),
-        "slice": save_checkpoint(slice_model, {**base, "stride": 2, "windows": ["bone"]}, out / "slice.ckpt"),
+        "slice": save_checkpoint(
+            slice_model, {**base, "root": slice_root, "stride": 2, "windows": ["bone"]}, out / "slice.ckpt"
+        ),
         "sequence": save_checkpoint(sequence, {**base, "n_slices": 4, "mask": "box"}, out / "sequence.ckpt"),
         "stage1": PREMOVE / "stage1.ckpt",  # trained: it finds the levels, so stage 2 has work to do
     }
 
 
 @pytest.fixture(scope="module")
-def random_ckpts(tmp_path_factory) -> dict[str, Path]:
-    return random_checkpoints(tmp_path_factory.mktemp("ckpts"))
+def random_ckpts(folder, tmp_path_factory) -> dict[str, Path]:
+    return random_checkpoints(tmp_path_factory.mktemp("ckpts"), slice_root=str(folder))
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +110,7 @@ def _studies(folder: Path, size: int) -> list:
     ]
 
 
-def test_a_bundle_holds_the_graphs_the_manifest_and_the_model_card(trained_bundle, random_bundle):
+def test_a_bundle_holds_the_graphs_the_manifest_and_the_model_card(folder, trained_bundle, random_bundle):
     from cervspine.bundle import VERSION, read_manifest
     from cervspine.bundle.manifest import sha256
 
@@ -119,7 +121,10 @@ def test_a_bundle_holds_the_graphs_the_manifest_and_the_model_card(trained_bundl
         assert sha256(trained_bundle / name) == entry["sha256"]
     s1, (slice_rec, seq_rec) = m["stage1"], m["stage2"]
     assert s1["kind"] == "slice" and s1["inputs"]["stack"]["offsets"] == [-2, 0, 2]
-    assert s1["inputs"]["stack"]["hu_windows"] == [[-500.0, 1300.0]] and s1["training"]["synthetic"]
+    assert s1["inputs"]["stack"]["hu_windows"] == [[-500.0, 1300.0]]
+    # synthetic: told by the folder a checkpoint names (the premove one's is not on every machine)
+    assert slice_rec["training"]["synthetic"] and slice_rec["training"]["data_root"] == str(folder)
+    assert seq_rec["training"]["synthetic"] is False and m["synthetic"]
     assert (
         slice_rec["inputs"]["stack"]["offsets"] == [-2, 0, 2]
         and slice_rec["inputs"]["crop"]["min_crop"] == 0.15
