@@ -167,7 +167,7 @@ class VertebraeColumnDataModule(RsnaDataModule):
             self.sampler,
             train=train,
             min_fraction=self.min_fraction,
-            z_step_jitter=self.z_step_jitter if train else 1.0,
+            z_step_jitter=self.z_step_jitter,  # the dataset applies it to training columns only
             augment=augment,
         )
 
