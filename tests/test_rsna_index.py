@@ -18,6 +18,7 @@ from cervspine.io.rsna import (
     read_sample_submission,
     read_test,
     read_train_labels,
+    trained_on_synthetic_data,
     validate_box_slices,
     validate_boxes,
 )
@@ -246,3 +247,14 @@ def test_write_csv_atomic(tmp_path: Path) -> None:
         write_csv_atomic(Broken(df), path)
     assert sorted(p.name for p in path.parent.iterdir()) == ["submission.csv"]  # old file kept, no temp
     assert pd.read_csv(path)["fractured"].tolist() == [0.25]
+
+
+def test_trained_on_synthetic_data_prefers_the_recorded_flag(tmp_path: Path) -> None:
+    generated = tmp_path / "generated"
+    generated.mkdir()
+    (generated / "synthetic_manifest.csv").write_text("StudyInstanceUID\n")
+    assert trained_on_synthetic_data({"root": str(generated)})  # older checkpoints: the folder tells
+    assert not trained_on_synthetic_data({"root": str(tmp_path / "gone")})
+    assert not trained_on_synthetic_data({})
+    assert trained_on_synthetic_data({"root": str(tmp_path / "gone"), "synthetic": True})  # flag outlives it
+    assert not trained_on_synthetic_data({"root": str(generated), "synthetic": False})

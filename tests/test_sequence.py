@@ -295,6 +295,7 @@ def test_study_sample_mode_with_box_mask_trains(tiny_root, tmp_path):
     ckpt = torch.load(objects["summary"]["best_model_path"], map_location="cpu", weights_only=False)
     assert ckpt["model_class"] == "VertebraSequenceClassifier"
     assert ckpt["datamodule_hyper_parameters"]["n_slices"] == 4
+    assert ckpt["datamodule_hyper_parameters"]["synthetic"] is True  # recorded at training time
     assert "study_head.weight" in ckpt["state_dict"]
     dm = objects["datamodule"]
     expect = prior_baseline(dm.labels(dm.train_uids))  # absent vertebrae fall back to the training prior

@@ -31,7 +31,7 @@ from cervspine.bundle.graphs import (
 )
 from cervspine.bundle.manifest import FORMAT, MANIFEST, VERSION, sha256, spec_record, write_manifest
 from cervspine.inference import Predictor, Runtime, load_stage1, load_stage2
-from cervspine.io.rsna import is_synthetic
+from cervspine.io.rsna import trained_on_synthetic_data
 from cervspine.scoring.answer import ENSEMBLE_RULE
 from cervspine.scoring.thresholds import OperatingPoint
 
@@ -135,7 +135,7 @@ def stage_record(stage: Any, role: str, graphs: dict[str, dict], source: Path) -
         "backbone": stage.backbone,
         "source": {"checkpoint": str(source), "sha256": sha256(source)},
         "graphs": graphs,
-        "training": {"data_root": root, "synthetic": bool(root and is_synthetic(str(root)))},
+        "training": {"data_root": root, "synthetic": trained_on_synthetic_data(hp)},
     }
     if stage.kind == "column":
         rec["inputs"] = {"sampler": spec_record(stage.sampler, channels=stage.sampler.channels)}

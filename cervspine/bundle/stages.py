@@ -47,7 +47,12 @@ class BundleStage:
         self.record, self.graphs, self.batch_size = record, graphs, int(batch_size)
         roles = record["graphs"]
         self.checkpoint = Path(bundle) / roles[next(iter(roles))]["file"]
-        self.data_hp = {"root": (record.get("training") or {}).get("data_root"), "image_size": size}
+        training = record.get("training") or {}
+        self.data_hp = {
+            "root": training.get("data_root"),
+            "synthetic": training.get("synthetic"),
+            "image_size": size,
+        }
         self._image_size = int(size)
 
     @property

@@ -151,6 +151,7 @@ class VertebraeColumnDataModule(RsnaDataModule):
         self.val_batch_size = int(val_batch_size)
 
     def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
         seg_uids = sorted(u for u in self.index.uids_with_segmentation if u in set(self.index.train_uids))
         self.assign_split(seg_uids, "a segmentation (stage 1 learns from them)")
 

@@ -94,6 +94,13 @@ class RsnaDataModule(L.LightningDataModule):
         if not report.ok:
             raise RuntimeError(f"preprocessing failed for {len(report.failed)} studies: {report.failed}")
 
+    def setup(self, stage: str | None = None) -> None:
+        """Records in the hyper-parameters (so in every checkpoint) whether the training folder was
+        generated: the checkpoint stays labelled SYNTHETIC after the folder is gone."""
+        from cervspine.io.rsna import is_synthetic
+
+        self.hparams["synthetic"] = is_synthetic(self.root)
+
     def study(self, uid: str) -> CachedStudy:
         if uid not in self._studies:
             self._studies[uid] = CachedStudy(self.cache_dir / uid)
@@ -167,6 +174,7 @@ class VertebraeDataModule(RsnaDataModule):
         self.slice_step, self.val_slice_step = int(slice_step), int(val_slice_step)
 
     def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
         seg_uids = sorted(u for u in self.index.uids_with_segmentation if u in set(self.index.train_uids))
         self.assign_split(seg_uids, "a segmentation (stage 1 learns from them)")
 
@@ -252,6 +260,7 @@ class FractureDataModule(RsnaDataModule):
         return self.visibility_and_boxes(uid) is not None
 
     def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
         self.split_usable()
 
     def slice_targets(self, uid: str, vis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

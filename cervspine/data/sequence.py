@@ -152,6 +152,7 @@ class VertebraSequenceDataModule(RsnaDataModule):
         return self.geometry(uid) is not None
 
     def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
         self.split_usable()
 
     def dataset(self, uids: Sequence[str], *, train: bool = False) -> VertebraSequenceDataset:

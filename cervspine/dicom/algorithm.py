@@ -76,9 +76,9 @@ class Algorithm:
 
 
 def trained_on_synthetic(predictor) -> bool:
-    """Whether any of the predictor's models was trained on a generated folder (as far as the folder
-    its checkpoint names still exists here)."""
-    from cervspine.io.rsna import is_synthetic
+    """Whether any of the predictor's models was trained on a generated folder (the flag its checkpoint
+    recorded; for older checkpoints, as far as the folder it names still exists here)."""
+    from cervspine.io.rsna import trained_on_synthetic_data
 
     stages = [predictor.stage1, *predictor.stage2]
-    return any(is_synthetic(str((s.data_hp or {}).get("root") or "/nonexistent")) for s in stages)
+    return any(trained_on_synthetic_data(s.data_hp or {}) for s in stages)

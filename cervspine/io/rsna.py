@@ -446,3 +446,13 @@ def _require_folders(uids: list[str], folders: set[str], csv_path: Path, images:
 def is_synthetic(root: str | Path) -> bool:
     """True for folders made by ``cervspine.synthesize`` (they carry ``synthetic_manifest.csv``)."""
     return (Path(root) / "synthetic_manifest.csv").is_file()
+
+
+def trained_on_synthetic_data(data_hp: Mapping[str, Any]) -> bool:
+    """Whether a stage was trained on a generated folder, from its data hyper-parameters: the
+    ``synthetic`` flag its DataModule recorded at training time, else (checkpoints made before the flag)
+    whether the folder named by ``root`` still carries the generator's manifest."""
+    if data_hp.get("synthetic") is not None:
+        return bool(data_hp["synthetic"])
+    root = data_hp.get("root")
+    return bool(root) and is_synthetic(str(root))
