@@ -21,7 +21,7 @@ from cervspine.data.metadata import NUM_FEATURES, slice_features, study_features
 from cervspine.data.slice_crops import SliceCropSpec
 from cervspine.data.stage1_table import read_stage1
 from cervspine.data.transforms import StackSpec, build_augment, context_offsets, resolve_windows
-from cervspine.io.rsna import RsnaIndex
+from cervspine.io.rsna import RsnaIndex, is_synthetic
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,6 @@ class RsnaDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Records in the hyper-parameters (so in every checkpoint) whether the training folder was
         generated: the checkpoint stays labelled SYNTHETIC after the folder is gone."""
-        from cervspine.io.rsna import is_synthetic
-
         self.hparams["synthetic"] = is_synthetic(self.root)
 
     def study(self, uid: str) -> CachedStudy:
