@@ -60,3 +60,17 @@ def test_cross_fitted_prediction_ignores_the_study_s_own_label():
     again = cross_fitted(flipped, p, folds=5, seed=0)
     np.testing.assert_allclose(again[7], base[7])  # study 7's own prediction did not move
     assert not np.allclose(again, base)  # but the other folds' calibrations did
+
+
+def test_calibrated_patient_overall_is_never_below_a_level():
+    from cervspine.scoring.calibration import calibrate_study, coherent_overall
+
+    p = np.array([[0.02, 0.9, 0.01, 0.01, 0.01, 0.01, 0.01, 0.3], [0.1] * 7 + [0.8]])
+    out = coherent_overall(p)
+    assert out[0, 7] == 0.9 and out[1, 7] == 0.8  # raised where below the likeliest level, else kept
+    np.testing.assert_array_equal(out[:, :7], p[:, :7])
+    # levels and overall calibrated by different maps: low raw scores cross without the rule
+    raw = np.array([[0.05] * 7 + [0.05]])
+    prior = np.full(8, 0.2)
+    cal = calibrate_study(raw, (1.0, 1.0, 3.0, 0.0), (0.0, 0.0), prior)[0]
+    assert cal[7] >= cal[:7].max() - 1e-12 and cal[:7].max() > 0.1

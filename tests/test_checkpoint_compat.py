@@ -46,4 +46,20 @@ def test_premove_stage2_models_give_the_same_probabilities(expected, study, name
     predictor = Predictor.from_checkpoints(DATA / "stage1.ckpt", stage2, device="cpu")
     assert [m.kind for m in predictor.stage2] == members
     probs = predictor.predict(study).probabilities
-    np.testing.assert_allclose(probs, np.array(expected[name]), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(probs, since_premove(expected, name), rtol=0, atol=1e-6)
+
+
+def since_premove(expected: dict, name: str) -> np.ndarray:
+    """The recorded answers with the one change made on purpose since: the slice model's patient_overall
+    is kept at least its likeliest level's (``coherent_overall``; the premove slice answer had 0.008 under
+    a level's 0.063). The sequence model's noisy-or is so already; the ensemble is the members' logit mean."""
+    from cervspine.scoring.aggregation import logit_mean
+    from cervspine.scoring.calibration import coherent_overall
+
+    slice_now, sequence = coherent_overall(np.array(expected["slice"])), np.array(expected["sequence"])
+    np.testing.assert_array_equal(coherent_overall(sequence), sequence)
+    return {
+        "slice": slice_now,
+        "sequence": sequence,
+        "ensemble": logit_mean(np.stack([slice_now, sequence])),
+    }[name]

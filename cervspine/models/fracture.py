@@ -22,6 +22,7 @@ from cervspine.scoring.calibration import (
     NO_SHRINK,
     StudyCalibration,
     calibrate_study,
+    coherent_overall,
     cross_fitted,
     shrink,
     shrink_weights,
@@ -89,7 +90,7 @@ class FractureClassifier(StudyValidation, OptimizedModule):
         self.overall_head = nn.Linear(feat_dim, 1) if overall_loss else None
         self.vertebra_head = nn.Linear(feat_dim, len(VERTEBRAE)) if aux_vertebra_weight > 0 else None
         self.aux_vertebra_weight, self.focal_gamma = aux_vertebra_weight, focal_gamma
-        self.aggregation = dict(aggregation or {"method": "topk_mean", "overall": "noisy_or"})
+        self.aggregation = dict(aggregation or {"method": "topk_mean", "overall": "max"})
         # study-level Platt scaling fitted on each validation epoch; saved with the weights
         self.calibration = bool(calibration)
         self.register_buffer("study_calibration", torch.tensor(IDENTITY, dtype=torch.float32))
@@ -160,7 +161,8 @@ class FractureClassifier(StudyValidation, OptimizedModule):
         # inference on other studies
         prior = self.training_prior()
         weights = shrink_weights(y, raw)
-        preds = np.clip(shrink(cross_fitted(y, raw), prior, weights), DEFAULT_EPS, 1 - DEFAULT_EPS)
+        preds = shrink(cross_fitted(y, raw), prior, weights)
+        preds = np.clip(coherent_overall(preds), DEFAULT_EPS, 1 - DEFAULT_EPS)
         fitted = StudyCalibration.fit(y, raw).params
         self.study_calibration.copy_(torch.tensor(fitted, dtype=torch.float32))
         self.calibration_shrink.copy_(torch.tensor(weights, dtype=torch.float32))

@@ -145,6 +145,15 @@ def shrink(y_pred: np.ndarray, prior: np.ndarray, weights: tuple[float, float]) 
     return _sigmoid((1 - s) * _logit(p) + s * _logit(np.asarray(prior, dtype=np.float64)))
 
 
+def coherent_overall(study_probs: np.ndarray) -> np.ndarray:
+    """(…, 8) probabilities with patient_overall raised to at least every level's: P(any fracture) can
+    not be below P(C_v). The two groups are calibrated apart, so below the two maps' crossing a
+    separately calibrated patient_overall would otherwise fall under the most likely level."""
+    p = np.array(study_probs, dtype=np.float64)
+    p[..., 7] = np.maximum(p[..., 7], p[..., :7].max(axis=-1))
+    return p
+
+
 def calibrate_study(
     study_probs: np.ndarray,
     params: tuple[float, float, float, float],
@@ -152,8 +161,9 @@ def calibrate_study(
     prior: np.ndarray,
 ) -> np.ndarray:
     """(n, 8) aggregated study probabilities → calibrated by the Platt ``params``, pulled toward ``prior`` by
-    the shrink ``weights``, clipped to the competition's range: the slice model's study calibration (the
-    checkpoint's buffers, or a bundle's manifest)."""
+    the shrink ``weights``, patient_overall kept at least every level's (:func:`coherent_overall`), clipped
+    to the competition's range: the slice model's study calibration (the checkpoint's buffers, or a
+    bundle's manifest)."""
     cal = StudyCalibration(tuple(float(v) for v in params))  # type: ignore[arg-type]
     pulled = shrink(cal(study_probs), prior, tuple(float(v) for v in weights))  # type: ignore[arg-type]
-    return np.clip(pulled, PROBABILITY_EPS, 1 - PROBABILITY_EPS)
+    return np.clip(coherent_overall(pulled), PROBABILITY_EPS, 1 - PROBABILITY_EPS)
