@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from sklearn.metrics import roc_auc_score
 
 from cervspine import TARGETS
-from cervspine.cache import CachedStudy, CacheParams, preprocess
+from cervspine.cache import CachedStudy
 from cervspine.data.folds import assign_folds
 from cervspine.inference import load_predictor
 from cervspine.io.rsna import RsnaIndex
@@ -42,6 +42,7 @@ from cervspine.scoring.calibration import (
     shrink_weights,
 )
 from cervspine.scoring.metrics import rsna_score
+from experiments.stage1_localisation import cached
 
 CALIBRATED_NOISY_OR = "noisy_or_of_calibrated_levels"
 RULES = ("noisy_or", "max", CALIBRATED_NOISY_OR)
@@ -100,15 +101,6 @@ def scores(y: np.ndarray, p: np.ndarray, prior: np.ndarray) -> dict[str, float]:
     }
 
 
-def cache_of(root: Path, image_size: int, uids: list[str]) -> Path:
-    index = RsnaIndex.from_root(root)
-    cache_dir = root / ".cervspine_cache" / f"s{image_size}"
-    report = preprocess(index, cache_dir, CacheParams(image_size=image_size), workers=2, progress=False)
-    if not report.ok:
-        raise RuntimeError(f"{root}: preprocessing failed: {report.failed}")
-    return cache_dir
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", type=Path, required=True, help="pipeline run folder (stage1/, stage2/)")
@@ -135,7 +127,7 @@ def main() -> None:
         hi = RsnaIndex.from_root(h)
         uids = sorted(hi.train_uids)
         y = hi.labels.loc[uids, TARGET_COLUMNS].to_numpy(float)
-        held[h.name] = (y, slice_outputs(predictor, cache_of(h, size, uids), uids))
+        held[h.name] = (y, slice_outputs(predictor, cached(h, size), uids))
 
     result: dict[str, Any] = {
         "run": str(args.run),
