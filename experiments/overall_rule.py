@@ -32,7 +32,7 @@ from cervspine.cache import CachedStudy
 from cervspine.data.folds import assign_folds
 from cervspine.inference import load_predictor
 from cervspine.io.rsna import RsnaIndex
-from cervspine.scoring.aggregation import DEFAULT_EPS, aggregate_slices, fill_unlocalised
+from cervspine.scoring.aggregation import DEFAULT_EPS, aggregate_slices, fill_unlocalised, noisy_or
 from cervspine.scoring.answer import localised_levels
 from cervspine.scoring.calibration import (
     StudyCalibration,
@@ -80,7 +80,7 @@ def raw_study(
 def with_noisy_or(p: np.ndarray) -> np.ndarray:
     """(n, 8) with patient_overall replaced by the noisy-or of the (n, 7) levels."""
     out = np.array(p, dtype=np.float64)
-    out[:, 7] = 1.0 - np.prod(1.0 - out[:, :7], axis=1)
+    out[:, 7] = [noisy_or(levels) for levels in out[:, :7]]
     return out
 
 
