@@ -137,3 +137,19 @@ def test_an_ensemble_scores_the_mean_of_its_members_study_logits(shared_run, tin
     with hydra_config("evaluate", overrides, tmp_path / "eval") as cfg:
         metrics = evaluate(cfg)
     assert metrics["stage2_ckpt"] == [str(s2), str(other)] and np.isfinite(metrics["rsna_score"])
+
+
+def test_a_copied_run_folder_reads_its_own_checkpoints_not_those_at_the_recorded_path(tmp_path):
+    from cervspine.runs.layout import best_checkpoint
+
+    old, copy = tmp_path / "old" / "stage2", tmp_path / "copy" / "stage2"
+    for d in (old, copy):
+        (d / "checkpoints").mkdir(parents=True)
+        (d / "checkpoints" / "last.ckpt").write_text(d.parent.name)
+    (copy / "checkpoints" / "epoch027.ckpt").write_text("copy best")
+    summary = {"best_model_path": str(old / "checkpoints" / "epoch027.ckpt"),
+               "last_model_path": str(old / "checkpoints" / "last.ckpt")}  # fmt: skip
+    (copy / "train_summary.json").write_text(json.dumps(summary))
+    assert best_checkpoint(copy) == copy / "checkpoints" / "epoch027.ckpt"
+    (copy / "checkpoints" / "epoch027.ckpt").unlink()  # the old folder has last.ckpt at the recorded path
+    assert best_checkpoint(copy) == copy / "checkpoints" / "last.ckpt"

@@ -13,15 +13,21 @@ STAGE_DIRS = {"stage1": "stage1", "stage2": "stage2"}
 
 
 def best_checkpoint(train_dir: str | Path) -> Path:
-    """The best checkpoint recorded in ``<train_dir>/train_summary.json`` (else last.ckpt)."""
+    """The best checkpoint recorded in ``<train_dir>/train_summary.json`` (else last.ckpt).
+
+    The summary records absolute paths; a file of that name in ``<train_dir>/checkpoints/`` wins, so a run
+    folder that was moved or copied reads its own checkpoints, never those now at the old path."""
     train_dir = Path(train_dir)
     summary = train_dir / "train_summary.json"
     if summary.is_file():
         info = json.loads(summary.read_text())
         for key in ("best_model_path", "last_model_path"):
             p = info.get(key)
-            if p and Path(p).is_file():
-                return Path(p)
+            if not p:
+                continue
+            for candidate in (train_dir / "checkpoints" / Path(p).name, Path(p)):
+                if candidate.is_file():
+                    return candidate
     last = train_dir / "checkpoints" / "last.ckpt"
     if last.is_file():
         return last
