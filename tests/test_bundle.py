@@ -282,7 +282,7 @@ def test_training_inference_and_the_bundle_share_one_column_sampler():
 
     assert column.ColumnSampler is column_sampler.ColumnSampler is column_stage1.ColumnSampler
     assert stages.ColumnSampler is column_sampler.ColumnSampler
-    assert column_stage1.to_every_slice is stages.to_every_slice is column_sampler.to_every_slice
+    assert column_stage1.read_column is stages.read_column is column_sampler.read_column
 
 
 def test_auto_threads_leave_the_busy_cores_to_others():

@@ -1,5 +1,6 @@
 """Stage 1 with the whole column in view: sampling a study into a sequence, random parts in training,
-augmentation of a whole column at once, padding-free answers, and the stage-1 table it writes."""
+augmentation of a whole column at once, padding-free answers, inference averaged over start offsets, and
+the stage-1 table it writes."""
 
 from __future__ import annotations
 
@@ -127,12 +128,40 @@ def test_a_column_gets_the_same_answer_alone_and_padded_in_a_batch():
 
 
 def test_every_slice_gets_an_answer_between_the_positions():
-    from cervspine.inference.column_stage1 import to_every_slice
+    from cervspine.data.column_sampler import to_every_slice
 
     values = np.array([[0.0, 1.0], [1.0, 0.0]])
     out = to_every_slice(values, np.array([2, 6]), 9)
     np.testing.assert_allclose(out[:, 0], [0, 0, 0, 0.25, 0.5, 0.75, 1, 1, 1])
     np.testing.assert_allclose(out[:, 1], 1 - out[:, 0])
+
+
+def test_inference_reads_the_column_from_start_offsets_spread_over_the_stride():
+    z = 10
+    every = ColumnSampler(z_step_mm=2.0).read_positions(z, 0.5)  # stride 4: every offset, each slice once
+    assert [list(p) for p in every] == [[0, 4, 8], [1, 5, 9], [2, 6], [3, 7]]
+    np.testing.assert_array_equal(np.sort(np.concatenate(every)), np.arange(z))
+    assert [p[0] for p in ColumnSampler(z_step_mm=2.0, read_offsets=2).read_positions(z, 0.5)] == [0, 2]
+    assert len(ColumnSampler(z_step_mm=2.0, read_offsets=9).read_positions(z, 0.5)) == 4  # at most the stride
+    assert len(ColumnSampler(z_step_mm=2.0).read_positions(z, 3.0)) == 1  # stride 1: one read
+
+
+def test_the_column_answers_are_averaged_over_the_offsets_read():
+    from cervspine.data.column_sampler import read_column
+
+    reads = []
+
+    def read(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # 1 on the offset-0 positions, else 0
+        reads.append(idx)
+        on = (idx % 4 == 0).astype(np.float64)
+        return np.repeat(on[:, None], 7, axis=1), np.repeat(idx[:, None] / 10.0, 4, axis=1)
+
+    vis, box = read_column(ColumnSampler(z_step_mm=2.0), 12, 0.5, read)
+    assert len(reads) == 4 and vis.shape == (12, 7) and box.shape == (12, 4)
+    np.testing.assert_allclose(vis, 0.25)  # one read of four says 1 at every slice
+    np.testing.assert_allclose(box[3:9, 0], np.arange(3, 9) / 10.0, atol=1e-6)  # linear: exact inside
+    vis, _ = read_column(ColumnSampler(z_step_mm=2.0, read_offsets=1), 12, 0.5, read)
+    np.testing.assert_allclose(vis, 1.0)
 
 
 def test_a_trained_column_model_writes_the_stage1_table_schema(tiny_root, tmp_path):

@@ -21,7 +21,7 @@ import numpy as np
 from cervspine import VERTEBRAE
 from cervspine.bundle.manifest import spec_from
 from cervspine.cache.study import CachedStudy
-from cervspine.data.column_sampler import ColumnSampler, spacing_mm, to_every_slice
+from cervspine.data.column_sampler import ColumnSampler, read_column, spacing_mm
 from cervspine.data.slice_crops import SliceCropSpec
 from cervspine.data.slice_inputs import SliceInputs, slice_batch, slice_inputs
 from cervspine.data.stage1_table import Stage1Output
@@ -90,7 +90,7 @@ class SliceStage1Graph(BundleStage):
 
 class ColumnStage1Graph(BundleStage):
     """The whole-column model: the encoder graph on the sampled slices in batches, the reader graph on
-    the study's sequence, the answers interpolated to every slice."""
+    the study's sequence, the answers interpolated to every slice and averaged over the start offsets."""
 
     kind = "column"
 
@@ -100,19 +100,23 @@ class ColumnStage1Graph(BundleStage):
 
     def run(self, study: CachedStudy) -> Stage1Output:
         dz = spacing_mm(study)
-        idx = self.sampler.positions(study.num_slices, dz)
-        feats = []
-        for start in range(0, len(idx), self.batch_size):
-            chunk = idx[start : start + self.batch_size]
-            feats.append(self.graphs["encoder"]({"slices": self.sampler.inputs(study.volume, chunk, dz)})[0])
-        feeds = {
-            "features": np.concatenate(feats)[None].astype(np.float32),
-            "lengths": np.array([len(idx)], dtype=np.int64),
-            "step_mm": np.array([self.sampler.stride(dz) * dz], dtype=np.float32),
-        }
-        vis, box = self.graphs["reader"](feeds)
-        n = study.num_slices
-        return Stage1Output(to_every_slice(vis[0], idx, n), to_every_slice(box[0], idx, n)).masked()
+        step = np.array([self.sampler.stride(dz) * dz], dtype=np.float32)
+
+        def read(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            feats = []
+            for start in range(0, len(idx), self.batch_size):
+                chunk = idx[start : start + self.batch_size]
+                slices = self.sampler.inputs(study.volume, chunk, dz)
+                feats.append(self.graphs["encoder"]({"slices": slices})[0])
+            feeds = {
+                "features": np.concatenate(feats)[None].astype(np.float32),
+                "lengths": np.array([len(idx)], dtype=np.int64),
+                "step_mm": step,
+            }
+            vis, box = self.graphs["reader"](feeds)
+            return vis[0], box[0]
+
+        return Stage1Output(*read_column(self.sampler, study.num_slices, dz, read)).masked()
 
 
 class SliceStage2Graph(BundleStage):

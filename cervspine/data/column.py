@@ -129,7 +129,8 @@ class VertebraeColumnDataModule(RsnaDataModule):
     study (None: one per training study); ``min_fraction``: the shortest part of a column drawn;
     ``z_step_jitter``: training columns are sampled ``z_step_mm`` × a log-uniform factor in
     [1/jitter, jitter] apart (1: always ``z_step_mm``); the model is told each step, so it learns a level's
-    extent in mm rather than as a count of positions.
+    extent in mm rather than as a count of positions. ``read_offsets``: what inference averages
+    (:class:`ColumnSampler`; kept in the checkpoint's hyper-parameters, not used in training).
     """
 
     def __init__(
@@ -137,6 +138,7 @@ class VertebraeColumnDataModule(RsnaDataModule):
         *args,
         z_step_mm: float = ColumnSampler.z_step_mm,
         max_positions: int = ColumnSampler.max_positions,
+        read_offsets: int = ColumnSampler.read_offsets,
         min_fraction: float = 0.5,
         z_step_jitter: float = 1.0,
         epoch_size: int | None = None,
