@@ -13,6 +13,7 @@ from cervspine.scoring.metrics import (
     bootstrap_ci,
     classification_report,
     flatten_report,
+    paired_bootstrap_difference,
     prior_baseline,
     rsna_score,
     study_losses,
@@ -133,6 +134,21 @@ def test_classification_report_by_hand() -> None:
     assert flat["val/C1/auroc"] == pytest.approx(0.75)
     assert flat["val/rsna_score"] == pytest.approx(report["rsna_score"])
     assert len(VERTEBRAE) == 7
+
+
+def test_the_paired_bootstrap_brackets_the_difference_and_tells_a_better_model_from_noise() -> None:
+    y, p = _random_case(60)
+    better = np.clip(0.7 * p + 0.3 * y, 0.01, 0.99)
+    diff, low, high = paired_bootstrap_difference(y, p, better, n=300, seed=2)
+    assert diff == pytest.approx(rsna_score(y, better) - rsna_score(y, p))
+    assert low <= diff <= high < 0  # moving toward the labels lowers the loss on (nearly) every resample
+    same = paired_bootstrap_difference(y, p, p, n=50)
+    assert same == (0.0, 0.0, 0.0)
+    noisy = np.clip(p + np.random.default_rng(3).normal(0, 0.02, p.shape), 0.01, 0.99)
+    _, low, high = paired_bootstrap_difference(y, p, noisy, n=300)
+    assert low < 0 < high  # a small random jitter is not a difference the studies can show
+    with pytest.raises(ValueError, match="n must be"):
+        paired_bootstrap_difference(y, p, p, n=0)
 
 
 def test_bootstrap_ci() -> None:

@@ -182,6 +182,22 @@ def bootstrap_ci(
     return float(low), float(high)
 
 
+def paired_bootstrap_difference(
+    y_true: Any, pred_a: Any, pred_b: Any, n: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> tuple[float, float, float]:
+    """rsna_score(b) − rsna_score(a) on the same studies, and its percentile bootstrap (1 − alpha) interval
+    (studies resampled with replacement, both models scored on the same resample). An interval that holds
+    0 means the studies cannot tell the two apart."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    diff = study_losses(y_true, pred_b) - study_losses(y_true, pred_a)
+    idx = np.random.default_rng(seed).integers(0, len(diff), size=(n, len(diff)))
+    low, high = np.quantile(diff[idx].mean(axis=1), [alpha / 2, 1 - alpha / 2])
+    return float(diff.mean()), float(low), float(high)
+
+
 def bootstrap_table(
     y: np.ndarray,
     p: np.ndarray,
