@@ -77,6 +77,15 @@ def test_demo_gpu_composes_gpu_bf16_stages(tiny_root, tmp_path):
             assert stage_cfg.data.num_workers == 8
 
 
+def test_a_stage_seed_override_wins_over_the_pipeline_seed(tiny_root, tmp_path):
+    from cervspine.jobs.pipeline import stage_config
+
+    overrides = ["experiment=demo", f"data.root={tiny_root}", "seed=5", 'stage2.overrides=["seed=7"]']
+    with hydra_config("pipeline", overrides, tmp_path) as cfg:
+        assert stage_config(cfg, "stage1", tmp_path / "s1").seed == 5
+        assert stage_config(cfg, "stage2", tmp_path / "s2").seed == 7
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)"

@@ -60,15 +60,17 @@ def stage_config(
     cfg: DictConfig, stage: str, output_dir: Path, data: dict[str, Any] | None = None
 ) -> DictConfig:
     """The train config of one stage (``stage``: its key in the pipeline config, dotted for nested ones):
-    its recipe and overrides, then the pipeline's data settings, seed and output folder merged in."""
+    its recipe and overrides, then the pipeline's data settings, seed (unless the stage's overrides set
+    one: ``stage2.overrides=["seed=7"]`` retrains stage 2 alone with another seed) and output folder."""
     spec = OmegaConf.select(cfg, stage)
     overrides = [*spec.get("overrides", []), *(cfg.get("stages_overrides") or []), *smoke_extra(cfg, stage)]
     stage_cfg = compose(config_name="train", overrides=[f"experiment={spec.experiment}", *overrides])
     forwarded = {k: cfg.data[k] for k in FORWARDED_DATA_KEYS}
+    own_seed = any(o.lstrip("+").split("=", 1)[0] == "seed" for o in overrides)
     merged = {
         "data": {**forwarded, "exclude": list(cfg.data.exclude), **(data or {})},
         "paths": {"output_dir": str(output_dir)},
-        "seed": cfg.seed,
+        "seed": stage_cfg.seed if own_seed else cfg.seed,
         "print_config": False,
     }
     return OmegaConf.merge(stage_cfg, merged)
