@@ -11,8 +11,14 @@ from typing import Any
 import cv2
 import numpy as np
 
-# (low, high) HU. Bone window L=400 W=1800; soft tissue L=40 W=400; wide L=300 W=3000 (our names).
-WINDOWS = {"bone": (-500.0, 1300.0), "soft": (-160.0, 240.0), "wide": (-1200.0, 1800.0)}
+# (low, high) HU. Bone window L=400 W=1800; soft tissue L=40 W=400; wide L=300 W=3000; bone_only L=725
+# W=1150: soft tissue, fat, air and discs (≤ ~100 HU) all black, only bone shows (our names).
+WINDOWS = {
+    "bone": (-500.0, 1300.0),
+    "soft": (-160.0, 240.0),
+    "wide": (-1200.0, 1800.0),
+    "bone_only": (150.0, 1300.0),
+}
 
 
 def resolve_windows(windows: Sequence[str | Sequence[float]]) -> list[tuple[float, float]]:
