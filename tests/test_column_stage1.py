@@ -198,16 +198,17 @@ def test_a_trained_column_model_writes_the_stage1_table_schema(tiny_root, tmp_pa
     assert np.isnan(out.boxes[~shown]).all() and np.isfinite(out.boxes[shown]).all()
 
 
-def test_the_demo_stage1_input_does_not_show_the_neck_outline(tmp_path):
-    """The demo's column recipe reads bone only: a study drawn with the neck outline tied to the levels and
-    the same study with it drawn at random (generator variant ``neck``) differ on ~10 % of the pixels
-    through the bone window and, through the recipe's, only where bone meets the moved soft tissue (< 1 %):
-    the level of a slice must be counted from the bones."""
+@pytest.mark.parametrize("recipe", ["vertebrae_column_demo", "fracture_demo"])
+def test_the_demo_stage_inputs_do_not_show_the_neck_outline(recipe, tmp_path):
+    """The demo's stages read bone only: a study drawn with the neck outline tied to the levels and the
+    same study with it drawn at random (generator variant ``neck``) differ on ~10 % of the pixels through
+    the bone window and, through the recipe's, only where bone meets the moved soft tissue (< 1 %): stage 1
+    must count the level from the bones, stage 2 sees no soft tissue to learn from."""
     from cervspine.config import composed
     from cervspine.data.windows import apply_windows, resolve_windows
     from cervspine.synthetic import PhantomParams, make_phantom
 
-    with composed("train", ["experiment=vertebrae_column_demo", "print_config=false"], tmp_path) as cfg:
+    with composed("train", [f"experiment={recipe}", "print_config=false"], tmp_path) as cfg:
         windows = resolve_windows(list(cfg.data.windows))
     params = dict(size=48, n_slices=50, slice_spacing=2.0, fractured=("C5",))
     ruler = make_phantom(7, PhantomParams(**params)).volume
