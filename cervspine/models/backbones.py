@@ -118,6 +118,26 @@ def pretrained_source(name: str, timeout: float = HUB_TIMEOUT_S) -> str | None:
     )
 
 
+def check_weights(backbone: Mapping[str, Any] | None, *, read_file: bool = True) -> None:
+    """That a ``model.backbone`` config's weights can be had here, told within seconds and before any
+    data is touched: its ``weights_path`` file (read and fitted to the backbone unless ``read_file`` is
+    false: then only that it exists), else with ``pretrained`` timm's ImageNet weights cached or
+    downloadable (:func:`pretrained_source`). Raises :class:`PretrainedWeightsUnavailable`,
+    :class:`WeightsMismatch` or ``FileNotFoundError`` naming the override that runs anyway; nothing for a
+    backbone without a timm ``name`` (a custom factory) or with neither setting."""
+    if backbone is None or not backbone.get("name"):
+        return
+    weights_path = backbone.get("weights_path")
+    if weights_path:
+        path = Path(str(weights_path)).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"model.backbone.weights_path: pretrained weights file not found: {path}")
+        if read_file:
+            create_backbone(str(backbone["name"]), in_chans=3, weights_path=str(path))
+    elif backbone.get("pretrained"):
+        pretrained_source(str(backbone["name"]))
+
+
 def create_backbone(
     name: str,
     in_chans: int,
