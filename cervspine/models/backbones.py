@@ -145,13 +145,32 @@ def create_backbone(
     pretrained: bool = False,
     weights_path: str | None = None,
     drop_path_rate: float | None = None,
+    grad_checkpointing: bool = False,
 ) -> nn.Module:
     """A timm feature extractor (``num_classes=0``; ``.num_features`` gives its width).
+
+    ``grad_checkpointing``: timm's activation checkpointing (each block's activations recomputed in the
+    backward pass instead of kept: ~10× less training memory per image for the EfficientNets, slower
+    steps; :mod:`cervspine.training.memory` names it where a CPU run would not fit).
 
     ``weights_path`` loads pretrained weights from a local file (timm adapts the stem to ``in_chans``); a
     file of another architecture raises :class:`WeightsMismatch` naming both. ``pretrained=True`` without
     a path takes the hub cache's copy or downloads it (:func:`pretrained_source`: fails fast offline).
     """
+    model = _create(name, in_chans, pretrained, weights_path, drop_path_rate)
+    if grad_checkpointing:
+        try:
+            model.set_grad_checkpointing(True)
+        except (AttributeError, NotImplementedError, AssertionError) as e:
+            raise CervspineInputError(
+                f"model.backbone.grad_checkpointing=true: timm's {name} has no gradient checkpointing ({e})"
+            ) from None
+    return model
+
+
+def _create(
+    name: str, in_chans: int, pretrained: bool, weights_path: str | None, drop_path_rate: float | None
+) -> nn.Module:
     kwargs = {"in_chans": in_chans, "num_classes": 0}
     if drop_path_rate is not None:
         kwargs["drop_path_rate"] = drop_path_rate
