@@ -96,7 +96,7 @@ def test_the_guard_refuses_when_not_even_the_main_process_fits(tiny_b5):
 
 
 def test_a_real_recipe_on_the_cpu_is_refused_before_its_first_step(tiny_root, tiny_cache, tmp_path):
-    """``experiment=fracture_seq trainer=cpu`` at the recipe's sizes (14 sequences × 15 crops of 384² a
+    """``experiment=fracture_seq trainer=cpu`` at the recipe's sizes (28 sequences × 15 crops of 224² a
     step, EfficientNetV2-S): tens of GiB of activations, refused with the estimate on a 16 GiB budget."""
     from cervspine.train import train
 
@@ -104,15 +104,15 @@ def test_a_real_recipe_on_the_cpu_is_refused_before_its_first_step(tiny_root, ti
                  "model.backbone.pretrained=false", "callbacks.memory_guard.budget_gb=16",
                  "print_config=false"]  # fmt: skip
     with hydra_config("train", overrides, tmp_path) as cfg:
-        assert cfg.data.input_size == 384 and cfg.data.batch_size == 14 and cfg.data.n_slices == 15
+        assert (cfg.data.input_size, cfg.data.batch_size, cfg.data.n_slices) == (224, 28, 15)
         started = time.perf_counter()
         with pytest.raises(MemoryBudgetExceeded) as e:
             train(cfg)
         seconds = time.perf_counter() - started
     said = str(e.value)
-    assert "210 images a step" in said and "data.batch_size=" in said and "grad_checkpointing=true" in said
+    assert "420 images a step" in said and "data.batch_size=" in said and "grad_checkpointing=true" in said
     assert (tmp_path / "memory_estimate.json").is_file() and not (tmp_path / "checkpoints").exists()
-    assert seconds < 60, seconds  # ~10 s here: the backbone built, one 384² image probed twice
+    assert seconds < 60, seconds  # ~10 s here: the backbone built, one 224² image probed twice
 
 
 @pytest.mark.parametrize("recipe", REAL_RECIPES)

@@ -13,10 +13,11 @@ import pytest
 
 from tests.helpers import REPO, hydra_config
 
-REAL_RECIPES = ("vertebrae_column", "fracture_seq", "fracture_b5", "vertebrae_b5")
+REAL_RECIPES = ("vertebrae_column", "fracture_seq", "fracture_seq_384", "fracture_b5", "vertebrae_b5")
 DEMO_RECIPES = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*_demo.yaml"))
 BACKBONE = {"vertebrae_column": "efficientnet_b0", "fracture_seq": "tf_efficientnetv2_s",
-            "fracture_b5": "tf_efficientnet_b5", "vertebrae_b5": "tf_efficientnet_b5"}  # fmt: skip
+            "fracture_seq_384": "tf_efficientnetv2_s", "fracture_b5": "tf_efficientnet_b5",
+            "vertebrae_b5": "tf_efficientnet_b5"}  # fmt: skip
 
 
 @pytest.fixture
