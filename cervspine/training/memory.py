@@ -274,6 +274,11 @@ class MemoryGuard(L.Callback):
             return int(float(self.budget_gb) * GIB)
         return resident_bytes() + int(self.headroom * available_bytes())
 
+    def _budget_source(self) -> str:
+        if self.budget_gb is not None:
+            return "callbacks.memory_guard.budget_gb"
+        return f"the memory this machine has free × {self.headroom} headroom"
+
     def applies(self, trainer: L.Trainer) -> bool:
         kind = type(trainer.accelerator).__name__.lower().removesuffix("accelerator")
         return self.enabled and kind in self.accelerators
@@ -331,7 +336,6 @@ class MemoryGuard(L.Callback):
         ways.append("fewer images a sample (data.n_slices= for a sequence, data.max_positions= for a column)")
         ways.append("a GPU (trainer=gpu), or callbacks.memory_guard.budget_gb= to set the budget yourself")
         return (
-            f"this CPU run needs about {est.describe(0)} with no loader workers, over the "
-            f"{budget / GIB:.1f} GiB this machine has free (× {self.headroom} headroom). Change one of: "
-            + "; ".join(ways)
+            f"this CPU run needs about {est.describe(0)} with no loader workers, over its budget of "
+            f"{budget / GIB:.1f} GiB ({self._budget_source()}). Change one of: " + "; ".join(ways)
         )

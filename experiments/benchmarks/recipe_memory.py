@@ -127,7 +127,7 @@ def rows_for(recipe: str, root: Path, tmp: Path, cap: float, quick: bool) -> tup
         est = as_given["estimate"] or {}
         parts = est.get("parts", {})
         if as_given["refusal"]:
-            what = f"refused before training: {as_given['refusal'].split('needs about', 1)[-1][:300].strip()}"
+            what = f"refused before training: {as_given['refusal'].split('needs about', 1)[-1].strip()}"
         elif as_given["killed"]:
             what = f"killed at the {cap:g} GiB cap of this benchmark"
         else:
