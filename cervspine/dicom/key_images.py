@@ -23,7 +23,7 @@ from cervspine.dicom.algorithm import Algorithm
 from cervspine.dicom.source import SourceSeries
 from cervspine.dicom.sr import series_description
 
-SC_SERIES_NUMBER = 9902  # the first key image's series; the n-th is SC_SERIES_NUMBER + n - 1
+SC_SERIES_NUMBER = 9903  # the first key image's series; the n-th is SC_SERIES_NUMBER + n - 1
 BANNER = "NOT FOR DIAGNOSTIC USE — cervspine research software, not a medical device"
 BANNER_TEXT = "NOT FOR DIAGNOSTIC USE - cervspine research software, not a medical device"  # ASCII
 SYNTHETIC_BANNER = "SYNTHETIC — models trained on generated data: says nothing about real CT"

@@ -150,7 +150,7 @@ class Scorer:
             "study_uid": pred.uid,
             "content_hash": content_hash,
             "sr_uid": results.sr_uid,
-            "files": [p.name for p in [*results.key_images, results.sr]],  # the SR last: sent = complete
+            "files": [p.name for p in results.files],  # the SR last: sent = complete
             "n_files": len(results.files),
             "n_instances": n_instances,
             "patient_p": float(pred.probabilities[-1]),

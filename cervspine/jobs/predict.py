@@ -4,7 +4,8 @@ Every scored study also gets ``studies/<uid>.json`` (per-vertebra probabilities,
 extents, timings, the call at the run's operating point). The submission is written atomically and only
 when every study was scored; otherwise the result lists the studies that could not be. ``report=true``
 adds ``study_reports/<uid>/report.html`` (+ PNGs) per study (see :mod:`cervspine.report.study`); for one
-study, ``dicom_out=OUT`` adds ``OUT/<uid>/`` with its DICOM SR and key images (:mod:`cervspine.dicom`).
+study, ``dicom_out=OUT`` adds ``OUT/<uid>/`` with its DICOM SR, SEG and key images (:mod:`cervspine.dicom`;
+``dicom_objects`` picks which).
 """
 
 from __future__ import annotations
@@ -86,8 +87,18 @@ def _study_report(
 
 
 def dicom_dir(cfg: DictConfig, uid: str) -> Path:
-    """Where ``dicom_out=OUT`` puts one study's DICOM results: ``OUT/<uid>/`` (sr.dcm, key_*.dcm)."""
+    """Where ``dicom_out=OUT`` puts one study's DICOM results: ``OUT/<uid>/`` (sr.dcm, seg.dcm, key_*.dcm)."""
     return Path(cfg.dicom_out) / uid
+
+
+def dicom_objects(cfg: DictConfig) -> tuple[str, ...]:
+    """The DICOM results ``dicom_out=`` writes (``dicom_objects``), checked before any work."""
+    from cervspine.dicom.results import OBJECTS, check_objects
+
+    if not cfg.get("dicom_out"):
+        return ()
+    asked = cfg.get("dicom_objects")
+    return check_objects(list(OBJECTS if asked is None else asked))
 
 
 def is_synthetic_study(cfg: DictConfig, predictor: Predictor) -> bool:
@@ -103,8 +114,10 @@ def is_synthetic_study(cfg: DictConfig, predictor: Predictor) -> bool:
 
 def predict_study_folder(cfg: DictConfig, predictor: Predictor | None = None) -> StudyPrediction:
     """One DICOM folder (``cfg.study``), read and scored in memory (nothing is written to the cache);
-    ``dicom_out`` adds its DICOM results (SR + key images, :mod:`cervspine.dicom`) and its report."""
+    ``dicom_out`` adds its DICOM results (``dicom_objects`` of SR, SEG, key images; :mod:`cervspine.dicom`)
+    and its report."""
     thresholds = thresholds_for(cfg)  # a named error before any work when a given one is missing
+    objects = dicom_objects(cfg)
     predictor = predictor or make_predictor(cfg)
     source = load_study(cfg.study)
     study = InMemoryStudy(source, CacheParams(image_size=predictor.image_size))
@@ -118,7 +131,9 @@ def predict_study_folder(cfg: DictConfig, predictor: Predictor | None = None) ->
         from cervspine.dicom.results import results_for_study
 
         out_dicom = dicom_dir(cfg, pred.uid)
-        results_for_study(out_dicom, source, pred, report, predictor, thresholds, synthetic=synthetic)
+        results_for_study(
+            out_dicom, source, pred, report, predictor, thresholds, synthetic=synthetic, objects=objects
+        )
     return pred
 
 
