@@ -14,8 +14,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from cervspine import TARGETS
-from tests.helpers import hydra_config
+from cervspine import TARGETS, VERTEBRAE
+from tests.helpers import answer_with_true_levels, hydra_config
 
 DCIODVFY = shutil.which("dciodvfy")
 PREMOVE = Path(__file__).parent / "data" / "premove"
@@ -55,13 +55,9 @@ def test_the_sr_reads_back_to_the_study_record(predicted):
     from cervspine.dicom.sr import read_sr
 
     folder, record, source = predicted["folder"], predicted["record"], predicted["source"]
-    assert sorted(p.name for p in folder.iterdir()) == [
-        "key_1_reformats.dcm",
-        "key_2_probabilities.dcm",
-        "key_3_key_slices.dcm",
-        "seg.dcm",
-        "sr.dcm",
-    ]
+    found = any(e["present"] for e in record["vertebra_extents"])  # a SEG only of levels stage 1 found
+    keys = ["key_1_reformats.dcm", "key_2_probabilities.dcm", "key_3_key_slices.dcm"]
+    assert sorted(p.name for p in folder.iterdir()) == [*keys, *(["seg.dcm"] if found else []), "sr.dcm"]
     sr = read_sr(folder / "sr.dcm")
     # stored in percent (what viewers print well): the same numbers to 12 significant digits
     np.testing.assert_allclose(sr.probabilities, [record[t] for t in TARGETS], rtol=1e-12, atol=0)
@@ -87,30 +83,41 @@ def test_the_sr_reads_back_to_the_study_record(predicted):
         assert np.ptp(line[:, 0]) > 0 and np.ptp(line[:, 1]) > 0
 
 
-def test_the_seg_has_one_segment_per_detected_level_on_frames_aligned_to_every_source_slice(predicted):
-    """One segment per level the study record lists as present, SNOMED-coded and labelled with the
-    level's answer; a frame per source slice and segment (empty ones too), each naming its source
-    instance; a segment's pixels only on slices of that level's extent."""
+@pytest.fixture(scope="module")
+def localised(tmp_path_factory) -> dict:
+    """A study whose every level stage 1 localised (``helpers.answer_with_true_levels``)."""
+    from cervspine.io import load_study
+
+    answer = answer_with_true_levels(tmp_path_factory.mktemp("localised"))
+    files = load_study(answer["ct"]).files  # slice order: index z is slice z of the volume
+    return {**answer, "source": [pydicom.dcmread(f, stop_before_pixels=True) for f in files]}
+
+
+def test_the_seg_has_one_segment_per_detected_level_on_frames_aligned_to_every_source_slice(localised):
+    """One segment per level, SNOMED-coded and labelled with the level's answer; a frame per source slice
+    and segment (empty ones too), each naming its source instance; each slice painted with its level,
+    stage 1's box, only inside that level's extent."""
     import highdicom as hd
 
     from cervspine.dicom.codes import SITES
+    from cervspine.dicom.regions import slice_levels
 
-    folder, record, source = predicted["folder"], predicted["record"], predicted["source"]
-    seg = hd.seg.segread(folder / "seg.dcm")
+    record, source, results = localised["record"], localised["source"], localised["results"]
+    seg = hd.seg.segread(results.seg)
     assert seg.SOPClassUID == SEGMENTATION and seg.SegmentationType == "BINARY"
-    assert (
-        seg.StudyInstanceUID == source[0].StudyInstanceUID
-        and "NOT FOR DIAGNOSTIC USE" in seg.SeriesDescription
-    )
-    present = [e for e in record["vertebra_extents"] if e["present"]]
+    assert seg.StudyInstanceUID == source[0].StudyInstanceUID
+    assert "NOT FOR DIAGNOSTIC USE" in seg.SeriesDescription
+    extents = {e["vertebra"]: e for e in record["vertebra_extents"]}
     levels = {level["target"]: level for level in record["levels"]}
     segments = list(seg.SegmentSequence)
     assert [str(s.SegmentedPropertyTypeCodeSequence[0].CodeValue) for s in segments] == [
-        SITES[e["vertebra"]].value for e in present
+        SITES[v].value for v in VERTEBRAE
+    ]  # every level of this study, C1 first
+    assert [str(s.SegmentLabel) for s in segments] == [
+        f"{v}: {'fracture suspected' if levels[v]['fracture_suspected'] else 'not suspected'}, "
+        f"{100 * levels[v]['probability']:.1f}%"
+        for v in VERTEBRAE
     ]
-    assert all(str(s.SegmentLabel).startswith(f"{e['vertebra']}: ") for s, e in zip(segments, present))
-    assert all(f"{100 * levels[e['vertebra']]['probability']:.1f}%" in str(s.SegmentLabel)
-               for s, e in zip(segments, present))  # fmt: skip
     assert int(seg.NumberOfFrames) == len(source) * len(segments)
     order = [str(d.SOPInstanceUID) for d in source]
     per_frame = [
@@ -118,12 +125,20 @@ def test_the_seg_has_one_segment_per_detected_level_on_frames_aligned_to_every_s
         for f in seg.PerFrameFunctionalGroupsSequence
     ]
     assert sorted(set(per_frame)) == sorted(order) and all(per_frame.count(u) == len(segments) for u in order)
-    for number, extent in enumerate(present, start=1):
-        mask = seg.get_pixels_by_source_instance(
-            source_sop_instance_uids=order, segment_numbers=[number], combine_segments=False
-        )[..., 0]
-        on = np.flatnonzero(mask.reshape(len(order), -1).any(axis=1))
-        assert len(on) and extent["first_slice"] <= on.min() and on.max() <= extent["last_slice"]
+    masks = seg.get_pixels_by_source_instance(source_sop_instance_uids=order, combine_segments=False)
+    painted = masks.reshape(len(order), -1, len(segments)).any(axis=1)  # (Z, 7): slice z shows segment s
+    expected = slice_levels(localised["pred"].slice_table)
+    labels = localised["truth"].labels  # the generator's truth, at the source's resolution
+    for s, v in enumerate(VERTEBRAE):
+        on = np.flatnonzero(painted[:, s])
+        assert np.array_equal(on, np.flatnonzero(expected == s + 1)), v
+        assert extents[v]["first_slice"] <= on.min() and on.max() <= extents[v]["last_slice"]
+        for z in on:  # the segment is the spine's box on that slice, and the level is really there
+            assert (labels[z] == s + 1).any(), (v, z)
+            painted_px = np.argwhere(masks[z, ..., s])
+            spine_px = np.argwhere((labels[z] >= 1) & (labels[z] <= 7))
+            assert np.array_equal(painted_px.min(axis=0), spine_px.min(axis=0))
+            assert np.array_equal(painted_px.max(axis=0), spine_px.max(axis=0))
 
 
 def test_the_sr_sits_in_the_source_study_in_a_new_series(predicted):
@@ -347,9 +362,9 @@ def test_dicom_objects_leave_out_what_is_not_asked_and_unknown_ones_are_named(
 
     study = next((tiny_root / "test_images").iterdir())
     base = [f"study={study}", f"run_dir={shared_run.dir}", f"dicom_out={tmp_path / 'dicom'}"]
-    with hydra_config("predict", [*base, "dicom_objects=[sr,seg]"], tmp_path / "run") as cfg:
+    with hydra_config("predict", [*base, "dicom_objects=[sr]"], tmp_path / "run") as cfg:
         pred = predict_study_folder(cfg)
-    assert sorted(p.name for p in (tmp_path / "dicom" / pred.uid).iterdir()) == ["seg.dcm", "sr.dcm"]
+    assert sorted(p.name for p in (tmp_path / "dicom" / pred.uid).iterdir()) == ["sr.dcm"]
     with (
         hydra_config("predict", [*base, "dicom_objects=[sr,pdf]"], tmp_path / "run2") as cfg,
         pytest.raises(ValueError, match=r"unknown \['pdf'\]; choose from \['sr', 'seg', 'key_images'\]"),

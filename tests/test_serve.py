@@ -6,6 +6,7 @@ destination, patient data, the status page in headless Chromium, and SIGKILLs of
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -193,7 +194,11 @@ def test_a_study_goes_in_and_its_results_come_out_in_the_pacs(node, pacs, studie
     sr_file.write_bytes(pacs.download(sr_id))
     sr = read_sr(sr_file)
     record = json.loads((node.spool.sub("studies") / f"{uid}.json").read_text())
-    np.testing.assert_array_equal(sr.probabilities, [record[t] for t in TARGETS])
+    np.testing.assert_allclose(sr.probabilities, [record[t] for t in TARGETS], rtol=1e-12, atol=0)
+    (seg_id,) = results_in(pacs, uid, "SEG")  # the levels stage 1 found, one segment each
+    seg = pydicom.dcmread(io.BytesIO(pacs.download(seg_id)), stop_before_pixels=True)
+    labels = [str(s.SegmentLabel).split(":")[0] for s in seg.SegmentSequence]
+    assert labels and set(labels) <= {e["vertebra"] for e in record["vertebra_extents"] if e["present"]}
     assert (
         sr.suspected == record["operating_point"]["fracture_suspected"] and job["sr_uid"] == record["sr_uid"]
     )
@@ -203,7 +208,8 @@ def test_a_study_goes_in_and_its_results_come_out_in_the_pacs(node, pacs, studie
         pacs.get(f"/series/{s}")["MainDicomTags"]["Modality"]
         for s in pacs.get(f"/studies/{orthanc_study}")["Series"]
     )
-    assert modalities == ["CT", "OT", "SR"]  # one study: the images and their results side by side
+    # one study: the images and their results side by side, each key image in a series of its own
+    assert modalities == ["CT", "OT", "OT", "OT", "SEG", "SR"]
     snap = status(node.settings.http_port)
     assert [j["state"] for j in snap["jobs"] if j["study_uid"] == uid] == ["sent"]
     html = page(node.settings.http_port)

@@ -10,17 +10,16 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import pydicom
 import pytest
 
 from cervspine.dicom import orthanc
+from tests.helpers import answer_with_true_levels
 from tests.ohif_page import CHROMIUM, ohif_page
 
 ROOT = Path(__file__).resolve().parents[1]
-PREMOVE = Path(__file__).parent / "data" / "premove"
 ARTEFACTS = Path(os.environ.get("CERVSPINE_TEST_ARTEFACTS", ROOT / "outputs" / "test-artefacts")) / "viewer"
 OHIF_CACHE = Path(os.environ.get("CERVSPINE_CACHE", Path.home() / ".cache" / "cervspine"))
 
@@ -42,34 +41,9 @@ pytestmark = [pytest.mark.viewer, pytest.mark.skipif(_missing() is not None, rea
 
 @pytest.fixture(scope="module")
 def answered(tmp_path_factory) -> dict:
-    """A synthetic study (192², 72 slices 2 mm apart) answered by the real report and DICOM writers. The
-    stage-2 answer is the committed test models'; their stage 1 is untrained (no level reaches a
-    visibility of 0.5), so stage 1's table is the generator's truth (each level's slices and the spine's
-    box from its labels, the table's own schema): every level is localised where it really is, as a
-    trained stage 1 would have it, and the SEG has a segment per level."""
-    from cervspine.cache import CacheParams, InMemoryStudy
-    from cervspine.cache.entry import area_fractions, spine_boxes, vertebra_areas
-    from cervspine.data.stage1_table import Stage1Output
-    from cervspine.dicom.results import results_for_study
-    from cervspine.inference import Predictor
-    from cervspine.io import load_study
-    from cervspine.jobs.records import study_record
-    from cervspine.report.study import write_study_report
-    from cervspine.scoring.thresholds import OperatingThreshold
-    from cervspine.synthetic import write_study
-
-    out = tmp_path_factory.mktemp("viewer")
-    truth = write_study(out / "ct", seed=11, size=192, n_slices=72, slice_spacing=2.0, fractured=("C5",))
-    predictor = Predictor.from_checkpoints(PREMOVE / "stage1.ckpt", [PREMOVE / "slice.ckpt"], device="cpu")
-    source = load_study(out / "ct")
-    study = InMemoryStudy(source, CacheParams(image_size=predictor.image_size))
-    stage1 = Stage1Output(area_fractions(vertebra_areas(truth.labels)), spine_boxes(truth.labels))
-    pred = replace(predictor.predict(study), slice_table=stage1.frame(study), stage1=stage1, not_localised=[])
-    thresholds = OperatingThreshold(0.055, 0.06, "set for the viewer test")
-    report = write_study_report(out / "report", study, pred, predictor, synthetic=True, threshold=thresholds)
-    results_for_study(out / "dicom", source, pred, report, predictor, thresholds, synthetic=True)
-    return {"uid": pred.uid, "ct": out / "ct", "results": out / "dicom",
-            "record": study_record(pred, thresholds)}  # fmt: skip
+    """A synthetic study and its results, every level localised (``helpers.answer_with_true_levels``)."""
+    answer = answer_with_true_levels(tmp_path_factory.mktemp("viewer"))
+    return {**answer, "results": answer["results"].folder}
 
 
 @pytest.fixture(scope="module")

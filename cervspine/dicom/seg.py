@@ -38,8 +38,8 @@ def level_mask(source: SourceSeries, table) -> np.ndarray:
     levels = slice_levels(table)
     mask = np.zeros((len(source.headers), rows, cols), dtype=np.uint8)
     for z in np.flatnonzero(levels):
-        c0, r0, c1, r1 = source_box(boxes[z], rows, cols)
-        mask[z, int(np.floor(r0)) : int(np.ceil(r1)), int(np.floor(c0)) : int(np.ceil(c1))] = levels[z]
+        c0, r0, c1, r1 = (int(round(e)) for e in source_box(boxes[z], rows, cols))  # nearest pixel edges
+        mask[z, r0:r1, c0:c1] = levels[z]
     return mask
 
 
