@@ -195,8 +195,10 @@ def test_key_images_carry_the_burned_in_notice_each_in_a_series_of_its_own(predi
 
 
 @pytest.mark.skipif(DCIODVFY is None, reason="no dciodvfy (Debian package 'dicom3tools'; make dicom-tools)")
-def test_dciodvfy_finds_no_error_in_any_result(predicted):
-    for path in sorted(predicted["folder"].glob("*.dcm")):
+def test_dciodvfy_finds_no_error_in_any_result(predicted, localised):
+    paths = [*sorted(predicted["folder"].glob("*.dcm")), *localised["results"].files]
+    assert "seg.dcm" in {p.name for p in paths}
+    for path in paths:
         assert dciodvfy_errors(path) == [], path.name
 
 
