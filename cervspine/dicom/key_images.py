@@ -19,9 +19,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 from pydicom.dataset import Dataset
 
-from cervspine.dicom.algorithm import Algorithm
+from cervspine.dicom.algorithm import Algorithm, series_description
 from cervspine.dicom.source import SourceSeries
-from cervspine.dicom.sr import series_description
 
 SC_SERIES_NUMBER = 9903  # the first key image's series; the n-th is SC_SERIES_NUMBER + n - 1
 BANNER = "NOT FOR DIAGNOSTIC USE — cervspine research software, not a medical device"

@@ -16,10 +16,10 @@ from pydicom.sr.codedict import codes
 
 from cervspine import VERTEBRAE
 from cervspine.dicom import codes as cs
-from cervspine.dicom.algorithm import Algorithm
+from cervspine.dicom.algorithm import Algorithm, series_description
 from cervspine.dicom.regions import slice_levels, source_box
 from cervspine.dicom.source import SourceSeries
-from cervspine.dicom.sr import UTF8, series_description
+from cervspine.dicom.sr import UTF8
 from cervspine.scoring.levels import LevelAnswer
 
 SEG_SERIES_NUMBER = 9902

@@ -1,17 +1,18 @@
 """The Structured Report of a scored study: a TID 1500 Measurement Report in a Comprehensive 3D SR.
 
-One planar-ROI measurement group (TID 1410) per target — C1…C7 and the patient level — each pointing at
-an image region: a closed rectangle on the source CT slice where the model placed that level (stage 1's
-box on the level's most telling slice, :mod:`.regions`; a level stage 1 did not find: the whole slice,
-said so in words and in a coded evaluation). Its tracking identifier states the answer in words ("C5:
-fracture suspected - probability 83.1%, operating point 31.0%"), the probability and the operating point
-are measurements in percent, the call is a qualitative evaluation (Positive = fracture suspected, see
-:mod:`.codes`) for machines, with the finding *Fracture of bone* at its site and the algorithm
-identification. Viewers such as OHIF draw each group's box on its slice with these labels. The notices
-(NOT FOR DIAGNOSTIC USE, PRELIMINARY/UNVERIFIED, SYNTHETIC where it holds, the algorithm) are in the
-series description and a comment. The SR sits in the source study (patient and study copied), in a new
-series, with every source instance as evidence (Current Requested Procedure Evidence). :func:`read_sr`
-reads the values back.
+One measurement group (TID 1501) per target — C1…C7 and the patient level. Its tracking identifier states
+the answer in words ("C5: fracture suspected - probability 83.1%, operating point 31.0%"); the finding
+*Fracture of bone* at its site; the probability and the operating point as measurements in percent, the
+probability inferred from an **image region** — a closed rectangle on the source CT slice where the model
+placed that level (stage 1's box on the level's most telling slice, :mod:`.regions`; a level stage 1 did
+not find: the whole middle slice, said so in words and by a coded evaluation); the call as a qualitative
+evaluation for machines (Positive = fracture suspected, see :mod:`.codes`); the algorithm identification;
+the answer and the use notice again as comments. That form is what OHIF draws: each box on its slice, its
+text beside it (a TID 1410 planar ROI group was drawn too, but OHIF showed only its numbers and offered a
+"tracking" it then failed to load). The report's notices (NOT FOR DIAGNOSTIC USE, PRELIMINARY/UNVERIFIED,
+SYNTHETIC where it holds, the algorithm) are in the series description and a comment container. The SR
+sits in the source study (patient and study copied), in a new series, with every source instance as
+evidence (Current Requested Procedure Evidence). :func:`read_sr` reads the values back.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from pydicom.sr.codedict import codes
 
 from cervspine import TARGETS
 from cervspine.dicom import codes as cs
-from cervspine.dicom.algorithm import NOT_FOR_DIAGNOSIS, SYNTHETIC_NOTE, Algorithm
+from cervspine.dicom.algorithm import NOT_FOR_DIAGNOSIS, SYNTHETIC_NOTE, Algorithm, series_description
 from cervspine.dicom.regions import Region
 from cervspine.dicom.source import SourceSeries
 from cervspine.scoring.levels import LevelAnswer, level_answers
@@ -55,14 +56,6 @@ log = logging.getLogger(__name__)
 SR_SERIES_NUMBER = 9901
 UTF8 = "ISO_IR 192"  # every text (the source's names included) encodes, whatever the source's set
 PRELIMINARY = "PRELIMINARY, UNVERIFIED: not reviewed by a radiologist"
-
-
-def series_description(kind: str, synthetic: bool) -> str:
-    """A result series' description (LO, ≤ 64 characters) with the notices a study browser shows."""
-    text = f"{'SYNTHETIC ' if synthetic else ''}cervspine {kind} - NOT FOR DIAGNOSTIC USE"
-    if len(text) > 64:
-        raise ValueError(f"series description longer than 64 characters: {text!r}")
-    return text
 
 
 def _algorithm_id(algorithm: Algorithm) -> AlgorithmIdentification:
