@@ -1,4 +1,4 @@
-"""``python -m cervspine.serve run_dir=R spool=DIR port=P ae_title=AE 'allowed_callers=[…]'
+"""``python -m cervspine.serve run_dir=R spool=DIR port=P ae_title=AE 'allowed_callers=[{ae_title:PACS,address:IP}]'
 destination.host=H destination.port=P destination.ae_title=AE idle_s=S http_port=P``: a DICOM node
 beside a PACS (see :mod:`cervspine.dicom.node`). Runs until SIGTERM or Ctrl-C; a restart resumes."""
 

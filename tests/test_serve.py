@@ -36,6 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 STORESCU = shutil.which("storescu")
 NODE_AE, CALLER = "CERVSPINE", "PACS"
+OTHER_HOST = "127.0.0.2"  # loopback too: a second address on this machine
+CALLERS = ({"ae_title": CALLER, "address": "127.0.0.1/32"}, {"ae_title": "MODALITY", "address": OTHER_HOST})
 IDLE_S = 1.0
 
 
@@ -119,6 +121,12 @@ def studies(tmp_path_factory) -> dict[str, Path]:
     odd = make_study(root / "odd", 16, "1.2.826.0.1.3680043.990.6", n=1, Modality="<script>alert(1)</script>")
     out["odd"] = odd
     out["D"] = make_study(root / "D", 19, "1.2.826.0.1.3680043.990.9")  # sent twice, then changed
+    mixed = make_study(root / "M", 20, "1.2.826.0.1.3680043.990.10", n=8, PatientID="MIXED-1")
+    for f in study_files(mixed)[::3]:  # one series, two patients: results would go into someone's record
+        ds = pydicom.dcmread(f)
+        ds.PatientID = "MIXED-2"
+        ds.save_as(f, enforce_file_format=True)
+    out["M"] = mixed
     out["K"] = make_study(root / "K", 17, "1.2.826.0.1.3680043.990.7")  # for the kill tests
     out["K2"] = make_study(root / "K2", 18, "1.2.826.0.1.3680043.990.8")
     return out
@@ -150,7 +158,7 @@ def _settings(spool: Path, dest_port: int, port: int, **kw):
     return NodeSettings(
         spool=spool,
         destination=Destination("127.0.0.1", dest_port, "ORTHANC"),
-        allowed_callers=(CALLER,),
+        allowed_callers=CALLERS,
         port=port,
         **{**base, **kw},
     )
@@ -256,17 +264,56 @@ def test_several_associations_at_once_and_bad_series_are_named_refusals(node, pa
     assert not results_in(pacs, pydicom.dcmread(study_files(studies["C"])[0]).StudyInstanceUID, "SR")
 
 
-def test_callers_not_allowed_are_refused(node, studies):
+def _store_from(host: str, port: int, files, caller: str = CALLER):
+    """C-STORE from the local address ``host``: (established?, rejected?, statuses of the stores)."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=caller)
+    ae.acse_timeout = ae.network_timeout = 10
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE, bind_address=(host, 0))
+    if not assoc.is_established:
+        return False, assoc.is_rejected, []
+    try:
+        return True, False, [int(assoc.send_c_store(f).Status) for f in files]
+    finally:
+        assoc.release()
+
+
+def test_callers_are_proven_by_ae_title_and_address(node, studies):
+    """The PACS's AE title from another address is rejected before any data; an address no caller has is
+    closed unread; unknown AE titles and a wrong called AE title are rejected."""
     from cervspine.dicom.sender import SendError
 
     before = len(node.spool.series_on_disk())
+    files = study_files(studies["A"])[:2]
+    assert _store_from(OTHER_HOST, node.scp.port, files) == (False, True, [])  # PACS from 127.0.0.2
+    established, rejected, _ = _store_from("127.0.0.3", node.scp.port, files)
+    assert not established and not rejected  # closed before the A-ASSOCIATE-RQ was even read
     for caller, called in (("INTRUDER", NODE_AE), (CALLER, "SOMEONE")):
         with pytest.raises(SendError, match="rejected"):
-            send(node.scp.port, study_files(studies["A"])[:1], caller=caller, called=called)
+            send(node.scp.port, files[:1], caller=caller, called=called)
     refused = [e for e in node.queue.events() if e["kind"] == "association refused"]
     assert any(e["subject"] == "INTRUDER" and "allowed_callers" in e["detail"] for e in refused)
+    assert any(e["subject"] == CALLER and f"not allowed from {OTHER_HOST}" in e["detail"] for e in refused)
     assert any("called AE title 'SOMEONE'" in e["detail"] for e in refused)
+    closed = [e for e in node.queue.events() if e["kind"] == "connection refused"]
+    assert any(e["subject"] == "127.0.0.3" and "closed unread" in e["detail"] for e in closed)
     assert len(node.spool.series_on_disk()) == before
+    assert f"{CALLER}@127.0.0.1/32" in page(node.settings.http_port)
+
+
+def test_a_series_that_mixes_patients_is_refused_by_name(node, studies, tmp_path):
+    files = study_files(studies["M"])
+    series = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+    send(node.scp.port, files)
+    failed = wait_for(
+        lambda: [s for s in node.queue.series("failed") if s["series_uid"] == series], what="M refused"
+    )
+    assert "PatientID differs" in failed[0]["reason"] and "mixed identity" in failed[0]["reason"]
+    assert "MIXED-" not in failed[0]["reason"]  # the IDs are patient data: counted, never named
+    assert not [j for j in node.queue.jobs() if j["series_uid"] == series]
+    assert "PatientID differs" in page(node.settings.http_port)
 
 
 def test_a_study_sent_twice_is_answered_once_and_again_when_it_changed(node, pacs, studies, tmp_path):
@@ -377,7 +424,8 @@ class NodeProcess:
         self.tmp, self.port, self.spool = tmp, port, tmp / "spool"
         self.args = [
             sys.executable, "-m", "cervspine.serve", f"spool={self.spool}", f"port={port}",
-            f"ae_title={NODE_AE}", f"allowed_callers=[{CALLER}]", "destination.host=127.0.0.1",
+            f"ae_title={NODE_AE}", f"allowed_callers=[{{ae_title:{CALLER},address:127.0.0.1}}]",
+            "destination.host=127.0.0.1",
             f"destination.port={pacs.dicom_port}", "destination.ae_title=ORTHANC", "idle_s=3",
             "http_port=null", f"ckpt.stage1={PREMOVE / 'stage1.ckpt'}",
             f"ckpt.stage2=[{PREMOVE / 'slice.ckpt'}]",

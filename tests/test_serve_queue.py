@@ -97,13 +97,29 @@ def test_settings_refuse_a_node_that_could_not_work(tmp_path):
     with pytest.raises(ValueError, match="allowed_callers is empty"):
         NodeSettings(spool=tmp_path, destination=dest, allowed_callers=())
     with pytest.raises(ValueError, match="not a DICOM AE title"):
-        NodeSettings(spool=tmp_path, destination=dest, allowed_callers=("A" * 17,))
+        NodeSettings(
+            spool=tmp_path, destination=dest, allowed_callers=({"ae_title": "A" * 17, "address": "::1"},)
+        )
+    for bare in (("PACS",), "PACS"):  # the old form: an AE title alone proves nothing
+        with pytest.raises(ValueError, match=r"AE title alone.*\{ae_title: PACS, address: 10.0.0.5/32\}"):
+            NodeSettings(spool=tmp_path, destination=dest, allowed_callers=bare)
+    for entry, why in (
+        ({"ae_title": "PACS"}, "needs both"),
+        ({"ae_title": "PACS", "address": "no such host."}, "neither"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            NodeSettings(spool=tmp_path, destination=dest, allowed_callers=(entry,))
     with pytest.raises(ValueError, match="not a TCP port"):
         Destination("127.0.0.1", 70000, "ORTHANC")
+    callers = ({"ae_title": " PACS ", "address": "10.0.0.0/24"}, {"ae_title": "CT2", "address": "localhost"})
     s = NodeSettings(
-        spool=tmp_path, destination=dest, allowed_callers=(" PACS ",), retry_initial_s=2, retry_max_s=20
+        spool=tmp_path, destination=dest, allowed_callers=callers, retry_initial_s=2, retry_max_s=20
     )
-    assert s.allowed_callers == ("PACS",)
+    assert [str(c) for c in s.allowed_callers] == ["PACS@10.0.0.0/24", "CT2@localhost"]
+    assert s.callers.admits("PACS", "10.0.0.77") and s.callers.admits("CT2", "127.0.0.1")
+    assert s.callers.admits("PACS", "::ffff:10.0.0.5")  # IPv4-mapped, as a dual-stack socket gives it
+    assert not s.callers.admits("PACS", "10.0.1.5") and not s.callers.admits("CT2", "10.0.0.5")
+    assert s.callers.knows_address("10.0.0.9") and not s.callers.knows_address("192.168.0.1")
     assert [s.backoff(n) for n in range(1, 6)] == [2, 4, 8, 16, 20]
 
 
@@ -113,13 +129,14 @@ def test_the_serve_config_builds_the_documented_command_line(tmp_path):
     from cervspine.config import composed
 
     overrides = [
-        f"spool={tmp_path}", "port=11113", "ae_title=CERVSPINE", "allowed_callers=[PACS,ORTHANC]",
+        f"spool={tmp_path}", "port=11113", "ae_title=CERVSPINE",
+        "allowed_callers=[{ae_title:PACS,address:10.0.0.5},{ae_title:ORTHANC,address:10.0.0.0/24}]",
         "destination.host=10.0.0.5", "destination.port=104", "destination.ae_title=PACS", "idle_s=7",
         "http_port=8099",
     ]  # fmt: skip
     with composed("serve", overrides, tmp_path / "run") as cfg:
         s = instantiate(cfg.node)
-    assert (s.port, s.ae_title, s.allowed_callers, s.idle_s, s.http_port) == (
-        11113, "CERVSPINE", ("PACS", "ORTHANC"), 7, 8099
+    assert (s.port, s.ae_title, [str(c) for c in s.allowed_callers], s.idle_s, s.http_port) == (
+        11113, "CERVSPINE", ["PACS@10.0.0.5", "ORTHANC@10.0.0.0/24"], 7, 8099
     )  # fmt: skip
     assert (s.destination.host, s.destination.port, s.destination.ae_title) == ("10.0.0.5", 104, "PACS")

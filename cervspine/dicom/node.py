@@ -24,6 +24,7 @@ from cervspine.dicom.scp import StoreSCP
 from cervspine.dicom.sender import SendError, store_files
 from cervspine.dicom.settings import NodeSettings
 from cervspine.dicom.spool import Spool
+from cervspine.dicom.vetting import identity_problem
 from cervspine.dicom.worker import Scorer, read_manifest
 from cervspine.io.atomic import write_json_atomic
 from cervspine.io.errors import CervspineInputError
@@ -142,6 +143,10 @@ class Node:
                 "already answered", series_uid, f"{n} instances unchanged since job {done['job']}"
             )
             return
+        problem = identity_problem(self.spool.instances(series_uid))
+        if problem is not None:
+            self._refuse(series_uid, problem)
+            return
         earlier = [j["job"] for j in self.queue.jobs() if j["series_uid"] == series_uid]
         log.info("series %s (%d instances): scoring", series_uid, n)
         try:
@@ -214,7 +219,7 @@ class Node:
             "node": {
                 "ae_title": s.ae_title,
                 "port": self.scp.port,
-                "allowed_callers": list(s.allowed_callers),
+                "allowed_callers": [str(c) for c in s.allowed_callers],
                 "destination": f"{s.destination.ae_title}@{s.destination.host}:{s.destination.port}",
                 "idle_s": s.idle_s,
                 "operating_point": None

@@ -1,7 +1,10 @@
 """The node's C-STORE SCP (pynetdicom): accepts CT Image Storage, in the transfer syntaxes
 :func:`cervspine.io.load_study` decodes, from the allowed calling AE titles only, and Verification
-(C-ECHO). Each instance is written durably to the spool *before* the success status goes back; refused
-associations, presentation contexts and instances are recorded as events (the status page shows them).
+(C-ECHO). Callers are proven by AE title *and* address (:mod:`.callers`): an unknown address is closed
+unread by the listener (:mod:`.listener`), a known AE title from another address is rejected when it asks
+for an association. Each instance is written durably to the spool *before* the success status goes back;
+refused connections, associations, presentation contexts and instances are recorded as events (the status
+page shows them).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from cervspine.dicom.faults import crash_point
 from cervspine.dicom.files import is_uid
+from cervspine.dicom.listener import ConnectionGate, GatedServer
 from cervspine.dicom.queue import JobQueue
 from cervspine.dicom.settings import NodeSettings
 from cervspine.dicom.source import CT_IMAGE_STORAGE
@@ -59,7 +63,7 @@ class StoreSCP:
     def _ae(self) -> AE:
         ae = AE(ae_title=self.settings.ae_title)
         ae.require_called_aet = True
-        ae.require_calling_aet = list(self.settings.allowed_callers)
+        ae.require_calling_aet = sorted({c.ae_title for c in self.settings.allowed_callers})
         ae.maximum_associations = int(self.settings.max_associations)
         ae.add_supported_context(CTImageStorage, list(TRANSFER_SYNTAXES))
         ae.add_supported_context(Verification)
@@ -76,7 +80,13 @@ class StoreSCP:
             (evt.EVT_CONN_CLOSE, self._closed),
         ]
         address = (self.settings.host, int(self.settings.port))
-        self.server = self._ae().start_server(address, block=False, evt_handlers=handlers)
+        server = self._ae().make_server(address, evt_handlers=handlers, server_class=GatedServer)
+        server.gate = self.gate = ConnectionGate(
+            self.settings.callers, self.settings.max_connections_per_peer, self._on_connection_refused
+        )
+        server.ae._servers.append(server)
+        threading.Thread(target=server.serve_forever, name="cervspine-scp-listener", daemon=True).start()
+        self.server = server
         log.info("C-STORE SCP %s listening on %s:%s", self.settings.ae_title, *address)
 
     def stop(self) -> None:
@@ -95,11 +105,15 @@ class StoreSCP:
         title = str(requestor.ae_title or "").strip()
         return title or str(getattr(requestor.primitive, "calling_ae_title", "") or "").strip()
 
+    def _on_connection_refused(self, host: str, why: str) -> None:
+        log.warning("connection from %s refused: %s", host, why)
+        self.queue.event("connection refused", host, why)
+
     def _on_rejected(self, event) -> None:
         caller, host = self._caller(event), event.assoc.requestor.address
         called = str(getattr(event.assoc.requestor.primitive, "called_ae_title", "") or "").strip()
-        if caller not in self.settings.allowed_callers:
-            why = "calling AE title not in allowed_callers"
+        if not self.settings.callers.admits(caller, host):
+            why = self.settings.callers.why_refused(caller, host)
         elif called != self.settings.ae_title:
             why = f"called AE title {called!r} is not {self.settings.ae_title!r}"
         else:
@@ -108,6 +122,19 @@ class StoreSCP:
         self.queue.event("association refused", caller, f"{why} (from {host})")
 
     def _on_requested(self, event) -> None:
+        """A caller whose AE title is not allowed from its address is rejected here, before negotiation
+        (A-ASSOCIATE-RJ, permanent, "calling AE title not recognised"): no data is accepted from it."""
+        caller, host = self._caller(event), event.assoc.requestor.address
+        if not self.settings.callers.admits(caller, host):
+            why = self.settings.callers.why_refused(caller, host)
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+            event.assoc.kill()
+            log.warning("association from AE %r (%s) rejected: %s", caller, host, why)
+            self.queue.event("association refused", caller, f"{why} (from {host})")
+            return
+        self._check_contexts(event)
+
+    def _check_contexts(self, event) -> None:
         """An association that offers neither CT Image Storage nor Verification cannot deliver anything
         here: a named refusal (senders that offer every storage class, as dcmtk's storescu does, and
         include CT are not refusals)."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cervspine.dicom.callers import NEW_FORM, AllowedCaller, CallerList
+
 
 def check_ae_title(value: str, what: str) -> str:
     """An AE title: 1–16 ASCII characters, no backslash or control characters, not all spaces."""
@@ -43,7 +45,7 @@ class NodeSettings:
 
     spool: Path
     destination: Destination
-    allowed_callers: tuple[str, ...]
+    allowed_callers: tuple[AllowedCaller, ...]  # (AE title, address) pairs: see :mod:`.callers`
     port: int = 11112
     ae_title: str = "CERVSPINE"
     host: str = "127.0.0.1"  # the address the C-STORE SCP listens on
@@ -52,15 +54,20 @@ class NodeSettings:
     retry_initial_s: float = 2.0  # first wait before resending to an unreachable destination
     retry_max_s: float = 300.0  # the longest wait between attempts (doubling up to it)
     max_associations: int = 8
+    max_connections_per_peer: int = 4  # open connections one address may hold (flooding)
     synthetic: bool | None = None  # None: SYNTHETIC when the models were trained on generated data
     retain_days: float | None = 7.0  # received instances of answered series are deleted after this
     poll_s: float = 0.2
 
     def __post_init__(self) -> None:
-        callers = tuple(check_ae_title(c, "allowed_callers") for c in (self.allowed_callers or ()))
+        if isinstance(self.allowed_callers, str | dict):
+            AllowedCaller.parse(self.allowed_callers)  # a bare AE title: the error names the new form
+            raise ValueError(f"allowed_callers must be a list of {NEW_FORM}, got {self.allowed_callers!r}")
+        callers = tuple(AllowedCaller.parse(c) for c in (self.allowed_callers or ()))
         if not callers:
             raise ValueError(
-                "allowed_callers is empty: name the AE title(s) of the PACS that may send studies"
+                "allowed_callers is empty: name the PACS that may send studies, each as its AE title and "
+                "address: [{ae_title: PACS, address: 10.0.0.5/32}]"
             )
         object.__setattr__(self, "allowed_callers", callers)
         object.__setattr__(self, "spool", Path(self.spool))
@@ -68,12 +75,18 @@ class NodeSettings:
         object.__setattr__(self, "port", check_port(self.port, "port"))
         if self.http_port is not None:
             object.__setattr__(self, "http_port", check_port(self.http_port, "http_port"))
+        if int(self.max_connections_per_peer) < 1 or int(self.max_associations) < 1:
+            raise ValueError("max_associations and max_connections_per_peer must be >= 1")
         if float(self.idle_s) < 0:
             raise ValueError(f"idle_s must be >= 0, got {self.idle_s}")
         if not 0 < float(self.retry_initial_s) <= float(self.retry_max_s):
             raise ValueError("retry: need 0 < retry_initial_s <= retry_max_s")
         if isinstance(self.destination, dict):
             object.__setattr__(self, "destination", Destination(**self.destination))
+
+    @property
+    def callers(self) -> CallerList:
+        return CallerList(self.allowed_callers)
 
     def backoff(self, attempts: int) -> float:
         """Seconds to wait after ``attempts`` failed sends: doubling from retry_initial_s to retry_max_s."""
