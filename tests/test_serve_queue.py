@@ -132,7 +132,8 @@ def test_the_serve_config_builds_the_documented_command_line(tmp_path):
         f"spool={tmp_path}", "port=11113", "ae_title=CERVSPINE",
         "allowed_callers=[{ae_title:PACS,address:10.0.0.5},{ae_title:ORTHANC,address:10.0.0.0/24}]",
         "destination.host=10.0.0.5", "destination.port=104", "destination.ae_title=PACS", "idle_s=7",
-        "http_port=8099",
+        "http_port=8099", "timeouts.acse_s=3", "limits.instances_per_series=10", "scoring.attempts=5",
+        "retry.attempts=7",
     ]  # fmt: skip
     with composed("serve", overrides, tmp_path / "run") as cfg:
         s = instantiate(cfg.node)
@@ -140,3 +141,16 @@ def test_the_serve_config_builds_the_documented_command_line(tmp_path):
         11113, "CERVSPINE", ["PACS@10.0.0.5", "ORTHANC@10.0.0.0/24"], 7, 8099
     )  # fmt: skip
     assert (s.destination.host, s.destination.port, s.destination.ae_title) == ("10.0.0.5", 104, "PACS")
+    assert (s.timeouts.acse_s, s.timeouts.connection_s, s.timeouts.dimse_s, s.timeouts.network_s) == (
+        3,
+        10,
+        60,
+        60,
+    )
+    assert (s.limits.instances_per_series, s.scoring.attempts, s.scoring.isolate, s.send_attempts) == (
+        10,
+        5,
+        True,
+        7,
+    )
+    assert s.scoring.memory_mb == 16384 and s.limits.min_free_disk_gb == 2

@@ -9,6 +9,8 @@ the work that follows. Names are UIDs only (checked: a UID cannot escape its fol
 <spool>/sent/<job>/                        results the destination acknowledged
 <spool>/reports/<job>/report.html          the study page the status page links to
 <spool>/studies/<study>.json               the study record (probabilities, calls), as predict writes
+<spool>/dead_letter/<job>/                 results that will not be sent, with reason.json
+<spool>/quarantine/<series>/               instances of a poison series, with reason.json
 ```
 ``<job>`` is ``<series UID>-<first 16 hex digits of the series' content hash>``.
 """
@@ -16,13 +18,44 @@ the work that follows. Names are UIDs only (checked: a UID cannot escape its fol
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 from cervspine.dicom.files import fsync_dir, is_uid, write_bytes_atomic
 
 MANIFEST = "manifest.json"
+REASON = "reason.json"
+FOLDERS = ("incoming", "work", "outbox", "sent", "reports", "studies", "dead_letter", "quarantine")
+
+
+class SpoolMeter:
+    """The spool's size in bytes: measured by walking it (:meth:`measure`, at start and by the scheduler),
+    kept up to date in between by each stored instance (:meth:`add`)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.bytes = 0
+        self.measure()
+
+    def measure(self) -> int:
+        total = 0
+        for folder, _, names in os.walk(self.root):
+            for name in names:
+                try:
+                    total += os.lstat(os.path.join(folder, name)).st_size
+                except OSError:
+                    continue
+        self.bytes = total
+        return total
+
+    def add(self, n: int) -> None:
+        self.bytes += int(n)
+
+    def free_bytes(self) -> int:
+        return int(shutil.disk_usage(self.root).free)
 
 
 class Spool:
@@ -30,7 +63,7 @@ class Spool:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        for sub in ("incoming", "work", "outbox", "sent", "reports", "studies"):
+        for sub in FOLDERS:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     @property
@@ -54,6 +87,16 @@ class Spool:
             folder.mkdir(parents=True, exist_ok=True)
             fsync_dir(folder.parent)
         return write_bytes_atomic(folder / f"{sop_uid}.dcm", data)
+
+    def count(self, series_uid: str) -> int:
+        """How many instances of the series are stored (without sorting their names)."""
+        folder = self.series_dir(series_uid)
+        try:
+            return sum(
+                1 for e in os.scandir(folder) if e.name.endswith(".dcm") and not e.name.startswith(".")
+            )
+        except FileNotFoundError:
+            return 0
 
     def instances(self, series_uid: str) -> list[Path]:
         folder = self.series_dir(series_uid)
@@ -96,6 +139,34 @@ class Spool:
             os.replace(src, dst)
             fsync_dir(dst.parent)
         return dst
+
+    def _set_aside(self, src: Path, dst: Path, reason: dict) -> Path:
+        """Move ``src`` (if there) to ``dst`` (replacing an older one) and write ``reason.json`` in it."""
+        if dst.exists():
+            shutil.rmtree(dst, ignore_errors=True)
+        if src.is_dir():
+            os.replace(src, dst)
+        dst.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(dst / REASON, json.dumps({**reason, "when": time.time()}, indent=2).encode())
+        fsync_dir(dst.parent)
+        return dst
+
+    def dead_letter(self, job: str, reason: str, attempts: int = 0) -> Path:
+        """The job's results out of the outbox into ``dead_letter/<job>/``, with why (not sent again)."""
+        return self._set_aside(
+            self.root / "outbox" / job,
+            self.root / "dead_letter" / job,
+            {"job": job, "reason": reason, "attempts": attempts},
+        )
+
+    def quarantine(self, series_uid: str, reason: str, attempts: int = 0) -> Path:
+        """The series' instances out of ``incoming/`` into ``quarantine/<series>/``, with why; a series
+        sent again starts from nothing (it needs its full set of instances)."""
+        return self._set_aside(
+            self.series_dir(series_uid),
+            self.root / "quarantine" / series_uid,
+            {"series_uid": series_uid, "reason": reason, "attempts": attempts},
+        )
 
     def results(self, job: str) -> Path:
         """The job's result folder, wherever it is now (outbox, else sent)."""

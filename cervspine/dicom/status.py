@@ -1,5 +1,7 @@
-"""The node's status page on ``http://127.0.0.1:<http_port>/`` (localhost only): the queue, refusals and
-failures with their reasons, done studies with links to their reports; ``/status.json`` the same as data.
+"""The node's status page on ``http://127.0.0.1:<http_port>/`` (localhost only): the node's threads
+(alive, last progress), the queue, refusals, quarantined series and dead-lettered results with their
+reasons, done studies with links to their reports; ``/status.json`` the same as data; ``/health`` for
+monitoring (200 ``{"ok": true}`` or 503 with the problems).
 
 Only UIDs, AE titles, numbers and reasons are shown — never patient names or IDs — and every value is
 HTML-escaped (:func:`cervspine.report.html.esc`).
@@ -44,7 +46,9 @@ def render(snap: dict[str, Any]) -> str:
     series, jobs = snap["series"], snap["jobs"]
     waiting = [s for s in series if s["state"] in ("receiving", "complete", "scoring")]
     failed = [s for s in series if s["state"] == "failed"]
+    quarantined = [s for s in series if s["state"] == "quarantined"]
     sending = [j for j in jobs if j["state"] == "sending"]
+    dead = [j for j in jobs if j["state"] == "dead"]
     done = [j for j in jobs if j["state"] == "sent"]
     op = node["operating_point"]
     op_text = (
@@ -75,6 +79,24 @@ def render(snap: dict[str, Any]) -> str:
         for j in sending
     ]
     fail_rows = [[s["series_uid"], s["study_uid"], s["reason"] or "", _when(s["updated"])] for s in failed]
+    quarantine_rows = [
+        [s["series_uid"], s["study_uid"], s["attempts"] or 0, s["reason"] or "", _when(s["updated"])]
+        for s in quarantined
+    ]
+    dead_rows = [
+        [j["study_uid"], j["job"], j["attempts"], j["last_error"] or "", _when(j["next_try"])] for j in dead
+    ]
+    health = snap.get("health") or {"ok": True, "problems": []}
+    thread_rows = [
+        [
+            t["name"],
+            ("stalled" if t.get("stalled") else "alive") if t["alive"] else "NOT RUNNING",
+            _when(t.get("last_progress")),
+            t.get("errors", ""),
+            t.get("last_error") or "",
+        ]
+        for t in snap.get("threads", [])
+    ]
     done_rows = [
         [
             j["study_uid"],
@@ -90,12 +112,19 @@ def render(snap: dict[str, Any]) -> str:
     event_rows = [[_when(e["t"]), e["kind"], e["subject"], e["detail"]] for e in snap["events"]]
     sections = [
         head,
+        f"<h2>Health: {'ok' if health['ok'] else 'PROBLEMS'}</h2>"
+        + (f"<p>{html.esc('; '.join(health['problems']))}</p>" if health["problems"] else "")
+        + html.table(["thread", "state", "last progress", "errors", "last error"], thread_rows),
         f"<h2>Queue ({len(waiting)})</h2>"
         + html.table(["series", "study", "state", "instances stored", "last instance"], queue_rows),
         f"<h2>Waiting for the destination ({len(sending)})</h2>"
         + html.table(["study", "job", "failed attempts", "last error", "next try"], send_rows),
         f"<h2>Refused series ({len(failed)})</h2>"
         + html.table(["series", "study", "reason", "when"], fail_rows),
+        f"<h2>Quarantined series ({len(quarantined)})</h2>"
+        + html.table(["series", "study", "attempts", "reason", "when"], quarantine_rows),
+        f"<h2>Dead-lettered results ({len(dead)})</h2>"
+        + html.table(["study", "job", "attempts", "reason", "when"], dead_rows),
         f"<h2>Done ({len(done)})</h2>"
         + html.table(
             ["study", "series", "patient p", "at the operating point", "SR", "delivered", ""], done_rows
@@ -110,8 +139,15 @@ def render(snap: dict[str, Any]) -> str:
 class StatusServer:
     """A small threaded HTTP server bound to 127.0.0.1."""
 
-    def __init__(self, port: int, snapshot: Callable[[], dict[str, Any]], reports: Path):
+    def __init__(
+        self,
+        port: int,
+        snapshot: Callable[[], dict[str, Any]],
+        reports: Path,
+        health: Callable[[], dict[str, Any]] | None = None,
+    ):
         self.snapshot, self.reports = snapshot, Path(reports)
+        self.health = health or (lambda: {"ok": True, "problems": []})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", int(port)), self._handler())
         self.httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -148,6 +184,11 @@ class StatusServer:
                 path = self.path.split("?", 1)[0]
                 if path in ("/", "/index.html"):
                     return self._send(200, render(server.snapshot()).encode(), "text/html; charset=utf-8")
+                if path == "/health":
+                    state = server.health()
+                    return self._send(
+                        200 if state["ok"] else 503, json.dumps(state).encode(), "application/json"
+                    )
                 if path == "/status.json":
                     body = json.dumps(server.snapshot(), default=str).encode()
                     return self._send(200, body, "application/json")
