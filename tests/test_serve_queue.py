@@ -154,3 +154,59 @@ def test_the_serve_config_builds_the_documented_command_line(tmp_path):
         7,
     )
     assert s.scoring.memory_mb == 16384 and s.limits.min_free_disk_gb == 2
+
+
+def test_retention_purges_finished_series_under_their_lock_and_old_folders_by_age(spool, queue, tmp_path):
+    import os
+    import threading
+
+    from cervspine.dicom.answer import Answerer
+    from cervspine.dicom.retention import Retention
+    from cervspine.dicom.settings import ScoringSettings
+
+    old = time.time() - 10 * 86400
+    for i in range(3):
+        spool.store(S1, f"1.2.3.4.1.{i}", b"x")
+    queue.received(S1, ST, "PACS", t=old)
+    queue.promote_idle(0.0, now=old + 1)
+    queue.next_complete()
+    queue.add_job({"job": "j1", "series_uid": S1, "study_uid": ST, "content_hash": "h1"})
+    with queue._tx() as db:  # answered ten days ago
+        db.execute("UPDATE series SET updated=?", (old,))
+    retention = Retention(spool, queue, retain_days=7)
+    with spool.lock(S1):  # an instance of the same series arrives while the purge is due
+        purge = threading.Thread(target=lambda: retention.step(force=True))
+        purge.start()
+        time.sleep(0.2)
+        spool.store(S1, "1.2.3.4.1.9", b"new")  # stored and acknowledged under the series' lock
+        queue.received(S1, ST, "PACS")
+    purge.join()
+    assert (spool.series_dir(S1) / "1.2.3.4.1.9.dcm").read_bytes() == b"new"  # not deleted
+    assert spool.count(S1) == 4 and queue.one_series(S1)["state"] == "receiving"
+
+    queue.promote_idle(0.0, now=time.time() + 1)
+    queue.next_complete()
+    queue.add_job({"job": "j2", "series_uid": S1, "study_uid": ST, "content_hash": "h2"})
+    with queue._tx() as db:
+        db.execute("UPDATE series SET updated=?", (old,))
+    for sub in ("sent", "reports", "studies", "dead_letter", "quarantine", "outbox"):
+        for name, t in (("old", old), ("new", time.time())):
+            (spool.sub(sub) / name).mkdir()
+            os.utime(spool.sub(sub) / name, (t, t))
+    done = retention.step(force=True)
+    assert done["series"] == 1 and not spool.instances(S1) and queue.one_series(S1)["purged_n"] == 4
+    assert all(done[sub] == 1 for sub in ("sent", "reports", "studies", "dead_letter", "quarantine"))
+    for sub in ("sent", "reports", "studies", "dead_letter", "quarantine"):
+        assert sorted(p.name for p in spool.sub(sub).iterdir()) == ["new"]
+    assert sorted(p.name for p in spool.sub("outbox").iterdir()) == ["new", "old"]  # pending: never purged
+
+    spool.store(S1, "1.2.3.4.1.0", b"x")  # the PACS sends one instance again: not the whole series
+    queue.received(S1, ST, "PACS", t=time.time() - 10)
+    queue.promote_idle(1.0)
+    assert Answerer(spool, queue, None, ScoringSettings()).step()
+    row = queue.one_series(S1)
+    assert (
+        row["state"] == "failed"
+        and "1 of the 4 instances" in row["reason"]
+        and "whole series" in row["reason"]
+    )

@@ -58,6 +58,13 @@ class Answerer:
                 "already answered", series_uid, f"{n} instances unchanged since job {done['job']}"
             )
             return
+        if row.get("purged_n") and n < int(row["purged_n"]):
+            why = (f"{n} of the {row['purged_n']} instances it was answered with (the rest were purged "
+                   "after retain_days): send the whole series again")  # fmt: skip
+            log.warning("series %s refused: %s", series_uid, why)
+            self.queue.set_series(series_uid, "failed", reason=why)
+            self.queue.event("series refused", series_uid, why)
+            return
         problem = identity_problem(self.spool.instances(series_uid))
         if problem is not None:
             return self.quarantine(series_uid, problem, 0)

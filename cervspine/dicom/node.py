@@ -25,6 +25,7 @@ from cervspine.dicom.delivery import Delivery
 from cervspine.dicom.isolation import InProcessScoring, WorkerProcessScoring
 from cervspine.dicom.liveness import Loop, health
 from cervspine.dicom.queue import JobQueue
+from cervspine.dicom.retention import Retention
 from cervspine.dicom.scp import StoreSCP
 from cervspine.dicom.settings import NodeSettings
 from cervspine.dicom.spool import Spool
@@ -33,7 +34,8 @@ from cervspine.io.atomic import write_json_atomic
 from cervspine.scoring.thresholds import OperatingThreshold
 
 log = logging.getLogger(__name__)
-PURGE_EVERY_S = 600.0
+ACTIVE_SERIES = ("receiving", "complete", "scoring")
+ACTIVE_ROWS = 500  # rows of work in progress the status page lists (the counts say how many in all)
 MEASURE_EVERY_S = 60.0  # the spool's size walked again (purges make it smaller)
 
 
@@ -68,7 +70,8 @@ class Node:
         self.status = None
         self._stop = threading.Event()
         self.loops: list[Loop] = []
-        self._last_purge = self._last_measure = 0.0
+        self.retention = Retention(self.spool, self.queue, settings.retain_days)
+        self._last_measure = 0.0
 
     # ------------------------------------------------------------------ life cycle
 
@@ -88,7 +91,10 @@ class Node:
         if s.http_port is not None:
             from cervspine.dicom.status import StatusServer
 
-            self.status = StatusServer(s.http_port, self.snapshot, self.spool.sub("reports"), self.health)
+            self.status = StatusServer(
+                s.http_port, self.snapshot, self.spool.sub("reports"), self.health,
+                hosts=s.status_hosts, token=s.status_token,
+            )  # fmt: skip
             self.status.start()
         return self
 
@@ -157,24 +163,23 @@ class Node:
         if time.time() - self._last_measure > MEASURE_EVERY_S:
             self._last_measure = time.time()
             self.scp.meter.measure()
-        self._purge_old()
+        self.retention.step()
         return promoted > 0
-
-    def _purge_old(self) -> None:
-        days = self.settings.retain_days
-        if days is None or time.time() - self._last_purge < PURGE_EVERY_S:
-            return
-        self._last_purge = time.time()
-        for row in self.queue.series("answered"):
-            if time.time() - float(row["updated"] or 0) > float(days) * 86400:
-                self.spool.purge_series(row["series_uid"])
 
     # ------------------------------------------------------------------ views
 
-    def snapshot(self) -> dict[str, Any]:
-        """What the status page shows (UIDs, AE titles and reasons only: no patient data)."""
+    def snapshot(self, page: int = 0) -> dict[str, Any]:
+        """What the status page shows (UIDs, AE titles and reasons only: no patient data): the work in
+        progress (at most :data:`ACTIVE_ROWS` rows of each kind) and page ``page`` of the finished work
+        (``status_page_size`` rows of each kind) — never the whole history at once."""
         s = self.settings
         t = self.thresholds
+        size, q = int(s.status_page_size), self.queue
+        at = dict(limit=size, offset=int(page) * size)
+        series = [r for st in ACTIVE_SERIES for r in q.series(st, limit=ACTIVE_ROWS)]
+        series += [r for st in ("failed", "quarantined") for r in q.series(st, **at)]
+        jobs = q.jobs("sending", limit=ACTIVE_ROWS) + q.jobs("dead", **at) + q.jobs("sent", **at)
+        counts = {**q.series_counts(), **q.job_counts(), "events": q.event_count()}
         return {
             "node": {
                 "ae_title": s.ae_title,
@@ -189,9 +194,13 @@ class Node:
             },
             "threads": self.threads(),
             "health": self.health(),
-            "series": self.queue.series(),
-            "jobs": self.queue.jobs(),
-            "events": self.queue.events(),
+            "series": series,
+            "jobs": jobs,
+            "events": q.events(**at),
+            "counts": counts,
+            "page": int(page),
+            "page_size": size,
+            "largest": max([counts.get(k, 0) for k in ("failed", "quarantined", "dead", "sent", "events")]),
             "now": time.time(),
         }
 

@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS series (
     series_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL, state TEXT NOT NULL, caller TEXT,
     first_arrival REAL, last_arrival REAL, n_stored INTEGER DEFAULT 0, content_hash TEXT,
     reason TEXT, updated REAL, attempts INTEGER DEFAULT 0, attempt_hash TEXT, poison TEXT,
-    not_before REAL DEFAULT 0
+    not_before REAL DEFAULT 0, purged_n INTEGER
 );
 CREATE TABLE IF NOT EXISTS jobs (
     job TEXT PRIMARY KEY, series_uid TEXT NOT NULL, study_uid TEXT NOT NULL, content_hash TEXT NOT NULL,
@@ -44,7 +44,13 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created);
 CREATE INDEX IF NOT EXISTS events_t ON events (t);
 """
 ADDED_COLUMNS = {  # columns newer than the first schema: added to a queue made before them
-    "series": ("attempts INTEGER DEFAULT 0", "attempt_hash TEXT", "poison TEXT", "not_before REAL DEFAULT 0"),
+    "series": (
+        "attempts INTEGER DEFAULT 0",
+        "attempt_hash TEXT",
+        "poison TEXT",
+        "not_before REAL DEFAULT 0",
+        "purged_n INTEGER",
+    ),
     "events": ("count INTEGER DEFAULT 1", "last REAL"),
 }
 
@@ -181,6 +187,14 @@ class _SeriesTable(_Database):
             row = db.execute("SELECT attempts FROM series WHERE series_uid=?", (series_uid,)).fetchone()
             return int(row[0]) if row else 0
 
+    def mark_purged(self, series_uid: str, n: int) -> None:
+        """The series' ``n`` instances were purged: a re-send of fewer is not answered as complete."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE series SET purged_n=MAX(COALESCE(purged_n, 0), ?), updated=? WHERE series_uid=?",
+                (int(n), time.time(), series_uid),
+            )
+
     def count_failure(self, series_uid: str) -> int:
         """One more failed attempt at the series (one that failed before it could start); the count."""
         with self._tx() as db:
@@ -246,7 +260,7 @@ class _JobTable(_SeriesTable):
                 (*values, time.time()),
             )
             db.execute(
-                "UPDATE series SET state='answered', content_hash=?, reason=NULL, updated=? "
+                "UPDATE series SET state='answered', content_hash=?, reason=NULL, updated=?, purged_n=NULL "
                 "WHERE series_uid=? AND state='scoring'",
                 (job["content_hash"], time.time(), job["series_uid"]),
             )
@@ -340,6 +354,9 @@ class JobQueue(_JobTable):
             db.execute(
                 "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)", (now, kind, subject, detail, count, now)
             )
+
+    def event_count(self) -> int:
+        return int(self._rows("SELECT COUNT(*) AS n FROM events")[0]["n"])
 
     def events(self, limit: int = 200, offset: int = 0) -> list[dict[str, Any]]:
         return self._rows("SELECT * FROM events ORDER BY t DESC LIMIT ? OFFSET ?", int(limit), int(offset))

@@ -209,6 +209,12 @@ class StoreSCP:
         if modality != "CT":
             return self._refuse(caller, sop, f"series {series}: Modality {modality!r} is not CT", REFUSED)
         data = event.encoded_dataset()
+        with self._open_lock:  # before storing: the series is not complete while this association lasts
+            self._open.setdefault(id(event.assoc), set()).add(series)
+        with self.spool.lock(series):  # a purge of this series waits (:mod:`.retention`)
+            return self._store(caller, sop, study, series, ds, data)
+
+    def _store(self, caller: str, sop: str, study: str, series: str, ds, data: bytes) -> int:
         over = self._over_limits(series, ds, len(data))
         if over is not None:
             why, poisons = over
@@ -224,8 +230,6 @@ class StoreSCP:
                 caller, sop, f"cannot be stored ({type(e).__name__}: {e.strerror})", OUT_OF_RESOURCES
             )
         self.meter.add(len(data))
-        with self._open_lock:
-            self._open.setdefault(id(event.assoc), set()).add(series)
         self.queue.received(series, study, caller)
         crash_point("stored")
         return 0x0000

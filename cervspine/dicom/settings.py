@@ -112,6 +112,9 @@ class NodeSettings:
     host: str = "127.0.0.1"  # the address the C-STORE SCP listens on
     idle_s: float = 5.0  # a series is complete when no instance arrived for this long
     http_port: int | None = 8080  # the status page, on 127.0.0.1 only; None: no page
+    status_hosts: tuple[str, ...] = ()  # Host names the page answers besides localhost/127.0.0.1/[::1]
+    status_token: str | None = None  # when set, every request to the page needs it
+    status_page_size: int = 50
     retry_initial_s: float = 2.0  # first wait before resending to an unreachable destination
     retry_max_s: float = 300.0  # the longest wait between attempts (doubling up to it)
     max_associations: int = 8
@@ -140,6 +143,11 @@ class NodeSettings:
         object.__setattr__(self, "port", check_port(self.port, "port"))
         if self.http_port is not None:
             object.__setattr__(self, "http_port", check_port(self.http_port, "http_port"))
+        object.__setattr__(
+            self, "status_hosts", tuple(str(h).strip().lower() for h in self.status_hosts or ())
+        )
+        if self.status_token is not None and len(str(self.status_token)) < 16:
+            raise ValueError("status_token: use at least 16 characters (or none)")
         if int(self.max_connections_per_peer) < 1 or int(self.max_associations) < 1:
             raise ValueError("max_associations and max_connections_per_peer must be >= 1")
         if float(self.idle_s) < 0:

@@ -21,7 +21,9 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
+import zlib
 from pathlib import Path
 
 from cervspine.dicom.files import fsync_dir, is_uid, write_bytes_atomic
@@ -59,12 +61,17 @@ class SpoolMeter:
 
 
 class Spool:
-    """The spool folders under ``root`` (created on first use)."""
+    """The spool folders under ``root`` (created on first use); :meth:`lock` a series' lock (storing an
+    instance and purging the series take it, so a purge can never delete an instance just acknowledged)."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
         for sub in FOLDERS:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._locks = [threading.Lock() for _ in range(64)]  # striped: bounded, one per series at a time
+
+    def lock(self, series_uid: str) -> threading.Lock:
+        return self._locks[zlib.crc32(series_uid.encode()) % len(self._locks)]
 
     @property
     def db(self) -> Path:
@@ -185,4 +192,18 @@ class Spool:
         return removed
 
     def purge_series(self, series_uid: str) -> None:
+        """Delete the series' received instances (call with :meth:`lock` held)."""
         shutil.rmtree(self.series_dir(series_uid), ignore_errors=True)
+
+    def purge_older(self, sub: str, before: float) -> int:
+        """Delete the entries of ``<spool>/<sub>/`` last changed before ``before``; returns how many."""
+        n = 0
+        for p in (self.root / sub).iterdir():
+            try:
+                if p.lstat().st_mtime >= before:
+                    continue
+            except FileNotFoundError:
+                continue
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            n += 1
+        return n
