@@ -154,6 +154,7 @@ def test_the_serve_config_builds_the_documented_command_line(tmp_path):
         7,
     )
     assert s.scoring.memory_mb == 16384 and s.limits.min_free_disk_gb == 2
+    assert not s.tls.receive and not s.tls.send and s.status_token is None and s.status_hosts == ()
 
 
 def test_retention_purges_finished_series_under_their_lock_and_old_folders_by_age(spool, queue, tmp_path):

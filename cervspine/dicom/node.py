@@ -65,7 +65,7 @@ class Node:
                 Scorer(self.spool, predictor_factory, thresholds, settings.synthetic)
             )
         self.answerer = Answerer(self.spool, self.queue, self.scoring, sc)
-        self.delivery = Delivery(settings, self.spool, self.queue)
+        self.delivery = Delivery(settings, self.spool, self.queue, settings.tls.client_context())
         self.thresholds = thresholds
         self.status = None
         self._stop = threading.Event()

@@ -41,8 +41,10 @@ class LocalOrthanc:
         modalities: dict[str, tuple[str, str, int]] | None = None,
         dicom_port: int | None = None,
         http_port: int | None = None,
+        extra: dict[str, Any] | None = None,
     ):
         self.folder = Path(folder)
+        self.extra = dict(extra or {})  # more configuration (e.g. DicomTlsEnabled and its certificates)
         self.aet = aet
         self.dicom_port = dicom_port or free_port()
         self.http_port = http_port or free_port()
@@ -66,6 +68,7 @@ class LocalOrthanc:
             "DicomModalities": {k: list(v) for k, v in self.modalities.items()},
             "Plugins": [],
             "StableAge": 1,
+            **self.extra,
         }
 
     def start(self, timeout_s: float = 30.0) -> LocalOrthanc:

@@ -86,7 +86,13 @@ class StoreSCP:
             (evt.EVT_CONN_CLOSE, self._closed),
         ]
         address = (self.settings.host, int(self.settings.port))
-        server = self._ae().make_server(address, evt_handlers=handlers, server_class=GatedServer)
+        server = self._ae().make_server(
+            address,
+            evt_handlers=handlers,
+            server_class=GatedServer,
+            ssl_context=self.settings.tls.server_context(),
+        )
+        server.handshake_s = float(self.settings.timeouts.acse_s or 5.0)
         server.gate = self.gate = ConnectionGate(
             self.settings.callers, self.settings.max_connections_per_peer, self._on_connection_refused
         )
@@ -96,7 +102,8 @@ class StoreSCP:
         )
         self.listener_thread.start()
         self.server = server
-        log.info("C-STORE SCP %s listening on %s:%s", self.settings.ae_title, *address)
+        tls = " (TLS)" if self.settings.tls.receive else ""
+        log.info("C-STORE SCP %s listening on %s:%s%s", self.settings.ae_title, *address, tls)
 
     def stop(self) -> None:
         if self.server is not None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cervspine.dicom.callers import NEW_FORM, AllowedCaller, CallerList
+from cervspine.dicom.tls import TlsSettings
 
 
 def check_ae_title(value: str, what: str) -> str:
@@ -121,6 +122,7 @@ class NodeSettings:
     timeouts: Timeouts = Timeouts()
     scoring: ScoringSettings = ScoringSettings()
     limits: Limits = Limits()
+    tls: TlsSettings = TlsSettings()
     send_attempts: int = 50  # transient send failures before a job is dead-lettered (about 4 h at 300 s)
     max_connections_per_peer: int = 4  # open connections one address may hold (flooding)
     synthetic: bool | None = None  # None: SYNTHETIC when the models were trained on generated data
@@ -156,7 +158,12 @@ class NodeSettings:
             raise ValueError("retry: need 0 < retry_initial_s <= retry_max_s")
         if isinstance(self.destination, dict):
             object.__setattr__(self, "destination", Destination(**self.destination))
-        for name, cls in (("timeouts", Timeouts), ("scoring", ScoringSettings), ("limits", Limits)):
+        for name, cls in (
+            ("timeouts", Timeouts),
+            ("scoring", ScoringSettings),
+            ("limits", Limits),
+            ("tls", TlsSettings),
+        ):
             if isinstance(getattr(self, name), dict):
                 object.__setattr__(self, name, cls(**getattr(self, name)))
         if int(self.send_attempts) < 1:
