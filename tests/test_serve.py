@@ -127,6 +127,7 @@ def studies(tmp_path_factory) -> dict[str, Path]:
         ds.PatientID = "MIXED-2"
         ds.save_as(f, enforce_file_format=True)
     out["M"] = mixed
+    out["E"] = make_study(root / "E", 21, "1.2.826.0.1.3680043.990.11")  # two series, one study
     out["K"] = make_study(root / "K", 17, "1.2.826.0.1.3680043.990.7")  # for the kill tests
     out["K2"] = make_study(root / "K2", 18, "1.2.826.0.1.3680043.990.8")
     return out
@@ -201,7 +202,8 @@ def test_a_study_goes_in_and_its_results_come_out_in_the_pacs(node, pacs, studie
     sr_file = node.spool.root / "from_pacs_sr.dcm"
     sr_file.write_bytes(pacs.download(sr_id))
     sr = read_sr(sr_file)
-    record = json.loads((node.spool.sub("studies") / f"{uid}.json").read_text())
+    series = str(pydicom.dcmread(study_files(a)[0]).SeriesInstanceUID)
+    record = json.loads(node.spool.record_path(str(uid), series).read_text())
     np.testing.assert_array_equal(sr.probabilities, [record[t] for t in TARGETS])
     assert (
         sr.suspected == record["operating_point"]["fracture_suspected"] and job["sr_uid"] == record["sr_uid"]
@@ -322,6 +324,25 @@ def test_a_series_that_mixes_patients_is_quarantined_by_name(node, studies, tmp_
     assert "PatientID differs" in page(node.settings.http_port) and "Quarantined series" in page(
         node.settings.http_port
     )
+
+
+def test_each_series_of_a_study_keeps_its_own_record(node, studies, tmp_path):
+    """Two series of one study: two answers, two records (the second does not overwrite the first)."""
+    files = study_files(studies["E"])
+    uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    other = []
+    for k, f in enumerate(files):  # a second series of the same study (another reconstruction)
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID, ds.SeriesNumber = f"{ds.SeriesInstanceUID}.2", 2
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{ds.SOPInstanceUID}.2"
+        other.append(tmp_path / f"{k:03d}.dcm")
+        ds.save_as(other[-1], enforce_file_format=True)
+    send(node.scp.port, files)
+    send(node.scp.port, other)
+    jobs = wait_for(lambda: answered(node, uid, 2), what="both series of study E delivered")
+    records = sorted((node.spool.sub("studies") / uid).glob("*.json"))
+    assert [p.stem for p in records] == sorted(j["series_uid"] for j in jobs)
+    assert {json.loads(p.read_text())["sr_uid"] for p in records} == {j["sr_uid"] for j in jobs}
 
 
 def test_a_study_sent_twice_is_answered_once_and_again_when_it_changed(node, pacs, studies, tmp_path):

@@ -116,6 +116,7 @@ def test_settings_refuse_a_node_that_could_not_work(tmp_path):
         spool=tmp_path, destination=dest, allowed_callers=callers, retry_initial_s=2, retry_max_s=20
     )
     assert [str(c) for c in s.allowed_callers] == ["PACS@10.0.0.0/24", "CT2@localhost"]
+    assert s.idle_s == 60  # real PACS pause between instances (conf/serve.yaml says why)
     assert s.callers.admits("PACS", "10.0.0.77") and s.callers.admits("CT2", "127.0.0.1")
     assert s.callers.admits("PACS", "::ffff:10.0.0.5")  # IPv4-mapped, as a dual-stack socket gives it
     assert not s.callers.admits("PACS", "10.0.1.5") and not s.callers.admits("CT2", "10.0.0.5")

@@ -129,7 +129,8 @@ class Node:
                     same = self.spool.content_hash(manifest["series_uid"])[0] == manifest["content_hash"]
                     self.queue.recover_job(manifest, sent=sent, answered=same)
                     write_json_atomic(
-                        self.spool.sub("studies") / f"{manifest['study_uid']}.json", manifest["record"]
+                        self.spool.record_path(manifest["study_uid"], manifest["series_uid"]),
+                        manifest["record"],
                     )
                     jobs += 1
         reopened = 0

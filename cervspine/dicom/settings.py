@@ -111,7 +111,7 @@ class NodeSettings:
     port: int = 11112
     ae_title: str = "CERVSPINE"
     host: str = "127.0.0.1"  # the address the C-STORE SCP listens on
-    idle_s: float = 5.0  # a series is complete when no instance arrived for this long
+    idle_s: float = 60.0  # a series is complete when no instance arrived for this long (conf/serve.yaml: why)
     http_port: int | None = 8080  # the status page, on 127.0.0.1 only; None: no page
     status_hosts: tuple[str, ...] = ()  # Host names the page answers besides localhost/127.0.0.1/[::1]
     status_token: str | None = None  # when set, every request to the page needs it

@@ -8,7 +8,9 @@ the work that follows. Names are UIDs only (checked: a UID cannot escape its fol
 <spool>/outbox/<job>/                      results made, kept until the destination acknowledged them
 <spool>/sent/<job>/                        results the destination acknowledged
 <spool>/reports/<job>/report.html          the study page the status page links to
-<spool>/studies/<study>.json               the study record (probabilities, calls), as predict writes
+<spool>/studies/<study>/<series>.json      each answered series' record (probabilities, calls), as
+                                           predict writes a study's (a study's series do not overwrite
+                                           each other's; a series answered again replaces its own)
 <spool>/dead_letter/<job>/                 results that will not be sent, with reason.json
 <spool>/quarantine/<series>/               instances of a poison series, with reason.json
 ```
@@ -79,6 +81,12 @@ class Spool:
 
     def sub(self, name: str) -> Path:
         return self.root / name
+
+    def record_path(self, study_uid: str, series_uid: str) -> Path:
+        """Where the record of a series' answer goes (one per series, in its study's folder)."""
+        if not (is_uid(study_uid) and is_uid(series_uid)):
+            raise ValueError(f"not a UID: {study_uid!r} / {series_uid!r}")
+        return self.root / "studies" / study_uid / f"{series_uid}.json"
 
     def series_dir(self, series_uid: str) -> Path:
         if not is_uid(series_uid):

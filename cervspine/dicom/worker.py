@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 
 def study_record(pred, thresholds: OperatingThreshold | None, series_uid: str) -> dict[str, Any]:
-    """The record ``predict`` writes as ``studies/<uid>.json``, plus the series it answers."""
+    """The record ``predict`` writes as ``studies/<uid>.json``, plus the series it answers (the node keeps
+    one per series: ``studies/<study>/<series>.json``)."""
     from cervspine.data.stage1_table import vertebra_extents
 
     extents = vertebra_extents(pred.slice_table).drop(columns="StudyInstanceUID")
@@ -175,7 +176,7 @@ class Scorer:
         }
         manifest["sha256"] = {name: _sha256(work / name) for name in manifest["files"]}  # checked at send
         write_json_atomic(work / MANIFEST, manifest)
-        write_json_atomic(self.spool.sub("studies") / f"{pred.uid}.json", record)
+        write_json_atomic(self.spool.record_path(pred.uid, series_uid), record)  # one per series
         self.spool.publish(work, job)
         crash_point("published")
         return manifest
