@@ -139,7 +139,7 @@ def send_with_retry(port: int, folder: Path, caller: str) -> float:
     files = sorted(folder.glob("*.dcm"))
     while True:
         try:
-            store_files(Destination("127.0.0.1", port, "CERVSPINE"), files, caller, timeout_s=60)
+            store_files(Destination("127.0.0.1", port, "CERVSPINE"), files, caller)
             return time.time()
         except (SendError, OSError, RuntimeError):
             time.sleep(0.5)
