@@ -341,7 +341,7 @@ def test_each_series_of_a_study_keeps_its_own_record(node, studies, tmp_path):
     send(node.scp.port, other)
     jobs = wait_for(lambda: answered(node, uid, 2), what="both series of study E delivered")
     records = sorted((node.spool.sub("studies") / uid).glob("*.json"))
-    assert [p.stem for p in records] == sorted(j["series_uid"] for j in jobs)
+    assert sorted(p.stem for p in records) == sorted(j["series_uid"] for j in jobs)
     assert {json.loads(p.read_text())["sr_uid"] for p in records} == {j["sr_uid"] for j in jobs}
 
 
