@@ -126,7 +126,7 @@ class NodeSettings:
     send_attempts: int = 50  # transient send failures before a job is dead-lettered (about 4 h at 300 s)
     max_connections_per_peer: int = 4  # open connections one address may hold (flooding)
     synthetic: bool | None = None  # None: SYNTHETIC when the models were trained on generated data
-    retain_days: float | None = 7.0  # received instances of answered series are deleted after this
+    retain_days: float | None = 7.0  # finished series, sent results, reports … purged after (retention.py)
     poll_s: float = 0.2
 
     def __post_init__(self) -> None:
