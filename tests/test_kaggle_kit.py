@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cervspine.models.safe_load import load_checkpoint
 from tests.helpers import writable_copy
 
 KIT_SCRIPT = Path(__file__).resolve().parents[1] / "cervspine" / "kaggle" / "kaggle_predict.py"
@@ -57,9 +58,9 @@ def test_the_kit_holds_the_runs_evaluated_models_without_training_state(kit, sha
         ("models/stage1.ckpt", shared_run.stage1),
         ("models/stage2.ckpt", shared_run.slice_stage2),
     ]:
-        packed = torch.load(folder / rel, map_location="cpu", weights_only=False)
+        packed = load_checkpoint(folder / rel)
         assert "optimizer_states" not in packed and "loops" not in packed
-        original = torch.load(source, map_location="cpu", weights_only=False)
+        original = load_checkpoint(source)
         assert all(torch.equal(packed["state_dict"][k], v) for k, v in original["state_dict"].items())
         assert (folder / rel).stat().st_size < source.stat().st_size
     assert set(manifest["sha256"]) >= {"models/stage1.ckpt", "models/stage2.ckpt", "models/stage2_seq.ckpt"}

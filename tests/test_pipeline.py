@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from cervspine import TARGETS
+from cervspine.models.safe_load import load_checkpoint
 from tests.helpers import hydra_config, writable_copy
 
 
@@ -108,7 +109,7 @@ def test_an_ensemble_scores_the_mean_of_its_members_study_logits(shared_run, tin
     from cervspine.inference import Predictor, load_predictor
 
     s1, s2 = shared_run.stage1, shared_run.slice_stage2
-    ckpt = torch.load(s2, map_location="cpu", weights_only=False)  # a second, different stage 2
+    ckpt = load_checkpoint(s2)  # a second, different stage 2
     gen = torch.Generator().manual_seed(0)
     for k, v in ckpt["state_dict"].items():
         if k.startswith(("fracture_head", "overall_head")):

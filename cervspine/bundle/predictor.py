@@ -15,6 +15,7 @@ import numpy as np
 
 from cervspine.bundle.backends import open_graph
 from cervspine.bundle.manifest import BundleError, read_manifest
+from cervspine.bundle.manifest import member as bundle_file
 from cervspine.bundle.stages import STAGES
 from cervspine.cache.params import CacheParams
 from cervspine.cache.study import CachedStudy, InMemoryStudy
@@ -55,7 +56,9 @@ class BundlePredictor:
             if key not in STAGES:
                 raise BundleError(f"{self.bundle}: unknown {role} kind {record['kind']!r} in the manifest")
             graphs = {
-                name: open_graph(self.bundle / g["file"], backend, precision, self.num_threads)
+                name: open_graph(
+                    bundle_file(self.bundle, self.manifest, g["file"]), backend, precision, self.num_threads
+                )
                 for name, g in record["graphs"].items()
             }
             return STAGES[key](self.bundle, record, graphs, batch_size, size)
@@ -133,10 +136,11 @@ def load_bundle_predictor(
         )
     from cervspine.inference import Predictor  # torch: only for this backend
 
-    root = Path(bundle)
-    return Predictor.from_checkpoints(
-        root / ckpts["stage1"], [root / c for c in ckpts["stage2"]], precision=precision, **runtime
+    stage1, stage2 = (
+        bundle_file(bundle, manifest, ckpts["stage1"]),
+        [bundle_file(bundle, manifest, c) for c in ckpts["stage2"]],
     )
+    return Predictor.from_checkpoints(stage1, stage2, precision=precision, **runtime)
 
 
 def _predictor(bundle: str | Path | BundlePredictor, options: dict[str, Any]) -> BundlePredictor:

@@ -44,8 +44,10 @@ class LocalOrthanc:
         dicom_port: int | None = None,
         http_port: int | None = None,
         dicomweb: bool = False,
+        extra: dict[str, Any] | None = None,
     ):
         self.folder = Path(folder)
+        self.extra = dict(extra or {})  # more configuration (e.g. DicomTlsEnabled and its certificates)
         self.aet = aet
         self.dicom_port = dicom_port or free_port()
         self.http_port = http_port or free_port()
@@ -71,6 +73,7 @@ class LocalOrthanc:
             "Plugins": [str(DICOMWEB_PLUGIN)] if self.dicomweb else [],
             "DicomWeb": {"Enable": self.dicomweb, "Root": "/dicom-web/"},
             "StableAge": 1,
+            **self.extra,
         }
 
     def start(self, timeout_s: float = 30.0) -> LocalOrthanc:

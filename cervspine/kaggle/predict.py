@@ -40,13 +40,37 @@ class KagglePrediction:
 
 
 def kit_models(kit: str | Path) -> tuple[Path, list[Path]]:
-    """(stage 1, [stage 2 members]) of a kit folder, from its ``kit.json``."""
+    """(stage 1, [stage 2 members]) of a kit folder, from its ``kit.json``: each a file inside the kit whose
+    SHA-256 is the one kit.json records (checked before anything loads it; else a ``ValueError``)."""
     kit = Path(kit)
     manifest = kit / KIT_MANIFEST
     if not manifest.is_file():
         raise FileNotFoundError(f"{kit}: no {KIT_MANIFEST} (not a folder written by make kaggle-kit)")
-    models = json.loads(manifest.read_text())["models"]
-    return kit / models["stage1"], [kit / p for p in models["stage2"]]
+    record = json.loads(manifest.read_text())
+    models, hashes = record["models"], record.get("sha256") or {}
+    paths = [_kit_file(kit, rel, hashes) for rel in [models["stage1"], *models["stage2"]]]
+    return paths[0], paths[1:]
+
+
+def _kit_file(kit: Path, rel: str, hashes: dict[str, str]) -> Path:
+    import hashlib
+
+    path = kit / rel
+    if Path(rel).is_absolute() or ".." in Path(rel).parts or not path.resolve().is_relative_to(kit.resolve()):
+        raise ValueError(f"{manifest_name(kit)}: model {rel!r} is outside the kit: refused")
+    if rel not in hashes:
+        raise ValueError(f"{manifest_name(kit)}: no SHA-256 for {rel}: refused (build the kit again)")
+    got = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+    if got != hashes[rel]:
+        raise ValueError(
+            f"{path}: SHA-256 {got[:16]}… is not kit.json's {hashes[rel][:16]}… (changed after the kit was "
+            "built): refused before loading it"
+        )
+    return path
+
+
+def manifest_name(kit: Path) -> Path:
+    return kit / KIT_MANIFEST
 
 
 def ensemble_prior(predictor: Any) -> np.ndarray:

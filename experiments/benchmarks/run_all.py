@@ -21,7 +21,9 @@ from pathlib import Path
 
 from experiments.benchmarks.common import ROOT, fmt, machine_info
 
-BENCHMARKS = ("loading", "datapipe", "inference", "backends", "memory", "training", "synthetic", "node")
+BENCHMARKS = (
+    "loading", "datapipe", "inference", "backends", "memory", "training", "synthetic", "node", "node_chaos",
+)  # fmt: skip
 DEFAULT_OUT = Path(__file__).with_name("RESULTS.md")
 
 
