@@ -1,8 +1,9 @@
 """``python -m cervspine.predict``: a Kaggle submission.csv for ``data.root``'s test.csv, or, with
 ``study=DIR``, one study's answer (``dicom_out=OUT``: also as DICOM SR, SEG and key images); the models of
 ``run_dir``/``ckpt.*``, or of a bundle (``bundle=B backend=onnxruntime|openvino|torch``); see
-:mod:`cervspine.jobs.predict`. Exits non-zero, listing the studies,
-when any test study could not be scored (no submission is written then)."""
+:mod:`cervspine.jobs.predict`. The submission always has every row: a test study that cannot be scored
+is answered with the training prior and listed in failures.csv (``strict=true``: exits non-zero instead,
+listing the studies)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 import cervspine.config  # noqa: F401  (registers resolvers)
+from cervspine.jobs.folder import FolderFailures, print_folder_result
 from cervspine.jobs.predict import (
     dicom_dir,
     make_predictor,
@@ -44,15 +46,12 @@ def main(cfg: DictConfig) -> None:
         if cfg.get("dicom_out"):
             print(f"DICOM results ({', '.join(cfg.dicom_objects)}): {dicom_dir(cfg, pred.uid)}")
         return
-    result = predict_folder(cfg, predictor)
-    if result.failed:
-        print(
-            f"submission.csv NOT written: {len(result.failed)} studies could not be scored:", file=sys.stderr
-        )
-        for uid, why in result.failed.items():
-            print(f"  {uid}: {why}", file=sys.stderr)
+    try:
+        result = predict_folder(cfg, predictor)
+    except FolderFailures as e:  # strict=true
+        print(e, file=sys.stderr)
         sys.exit(1)
-    print(f"submission: {result.submission}")
+    print_folder_result(result)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,7 @@ def test_the_kits_script_writes_the_submission_the_pipeline_wrote(kit, shared_ru
 
 
 def test_a_study_that_cannot_be_read_is_answered_by_the_prior(kit, tiny_root, tmp_path):
+    from cervspine.jobs.folder import FolderFailures
     from cervspine.kaggle.predict import predict_test_folder
 
     data = writable_copy(tiny_root, tmp_path / "data", ".cervspine_cache", "train_images", "segmentations")
@@ -97,11 +98,13 @@ def test_a_study_that_cannot_be_read_is_answered_by_the_prior(kit, tiny_root, tm
     rows = sub[sub["row_id"].str.startswith(broken.name)]["fractured"].to_numpy()
     np.testing.assert_allclose(rows, result.predictions[broken.name], rtol=1e-6)
     assert ((rows > 0) & (rows < 1)).all()
-    with pytest.raises(Exception):  # noqa: B017  (strict: the study's own read error)
+    with pytest.raises(FolderFailures, match=broken.name):  # strict: an error, once the others are scored
         predict_test_folder(
-            data, tmp_path / "strict.csv", kit=kit.folder, device="cpu", workers=0, strict=True
+            data, tmp_path / "strict" / "strict.csv", kit=kit.folder, device="cpu", workers=0, strict=True
         )
-    assert not (tmp_path / "strict.csv").exists()
+    assert not (tmp_path / "strict" / "strict.csv").exists()
+    failures = pd.read_csv(tmp_path / "strict" / "failures.csv", dtype=str)
+    assert failures["StudyInstanceUID"].tolist() == [broken.name]
 
 
 def test_the_kit_pins_every_dependency_but_torch():

@@ -72,9 +72,10 @@ def test_predict_single_study_folder(shared_run, tiny_root, tmp_path):
     np.testing.assert_allclose([cached[t] for t in TARGETS], pred.probabilities, rtol=1e-4, atol=1e-5)
 
 
-def test_predict_on_a_missing_test_study_writes_no_submission(shared_run, tiny_root, tmp_path):
+def test_predict_on_a_missing_test_study_answers_it_with_the_prior(shared_run, tiny_root, tmp_path):
     import shutil
 
+    from cervspine.inference import load_predictor
     from cervspine.predict import predict_folder
 
     broken = writable_copy(tiny_root, tmp_path / "broken", ".cervspine_cache")
@@ -83,9 +84,14 @@ def test_predict_on_a_missing_test_study_writes_no_submission(shared_run, tiny_r
     overrides = [f"data.root={broken}", f"run_dir={shared_run.dir}", "data.image_size=64"]
     with hydra_config("predict", overrides, tmp_path / "run") as cfg:
         result = predict_folder(cfg)
-    assert list(result.failed) == [victim.name]
-    assert len(result.predictions) == 1  # the other test study was still scored
-    assert result.submission is None and not (tmp_path / "run" / "submission.csv").exists()
+    assert list(result.failed) == [victim.name] and "no study folder" in result.failed[victim.name]
+    assert len(result.predictions) == 2 and len(result.predictions) - len(result.failed) == 1  # one scored
+    sub = pd.read_csv(tmp_path / "run" / "submission.csv")
+    assert sub["row_id"].tolist() == pd.read_csv(broken / "test.csv")["row_id"].tolist()
+    rows = sub.set_index("row_id").loc[[f"{victim.name}_{t}" for t in TARGETS], "fractured"].to_numpy()
+    np.testing.assert_allclose(rows, load_predictor(shared_run.dir, device="cpu").prior, rtol=1e-5)
+    failures = pd.read_csv(tmp_path / "run" / "failures.csv", dtype=str)
+    assert failures["StudyInstanceUID"].tolist() == [victim.name]
 
 
 def test_evaluate_scores_at_the_checkpoints_image_size(shared_run, tiny_root, tmp_path):
