@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= data/synthetic_demo_v5
 PYTEST_ARGS ?=
 
-.PHONY: help install demo demo-quality print-demo-synth test test-slow bench gpu-check rehearsal lint format fuzz clean browser dicom-tools
+.PHONY: help install demo demo-quality print-demo-synth test test-slow test-viewer bench gpu-check rehearsal lint format fuzz clean browser dicom-tools
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -49,16 +49,21 @@ browser: ## headless Chromium for the report browser test (root + apt-get only; 
 			|| echo "chromium could not be installed: the browser test will be skipped"; \
 	else echo "not root or no apt-get: no chromium, the browser test will be skipped"; fi
 
-dicom-tools: ## Orthanc, dcmtk, dicom3tools for the DICOM node's tests (root + apt-get only; failure ignored)
-	@if [ -x /usr/sbin/Orthanc ] && command -v storescu >/dev/null && command -v dciodvfy >/dev/null; then \
-		echo "orthanc, dcmtk, dicom3tools: present"; \
+dicom-tools: ## Orthanc (+ DICOMweb), dcmtk, dicom3tools, npm for the DICOM and viewer tests (root + apt-get only; failure ignored)
+	@if [ -x /usr/sbin/Orthanc ] && [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] && command -v storescu >/dev/null \
+		&& command -v dciodvfy >/dev/null && command -v npm >/dev/null; then \
+		echo "orthanc, orthanc-dicomweb, dcmtk, dicom3tools, npm: present"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc dcmtk dicom3tools) \
-			|| echo "orthanc/dcmtk/dicom3tools could not be installed: the tests that need them will be skipped"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb dcmtk dicom3tools \
+			$$(command -v npm >/dev/null || echo npm)) \
+			|| echo "orthanc/orthanc-dicomweb/dcmtk/dicom3tools/npm could not be installed: the tests that need them will be skipped"; \
 	else echo "not root or no apt-get: no Orthanc/dcmtk/dicom3tools, the tests that need them will be skipped"; fi
 
 test: $(STAMP) ## the whole test suite (what CI runs); PYTEST_WORKERS=0 runs it in one process
 	$(PY) -m pytest -q -m "not slow" -n $(or $(PYTEST_WORKERS),2) --dist loadfile $(PYTEST_ARGS)
+
+test-viewer: $(STAMP) ## the real-viewer test alone (Orthanc + OHIF in Chromium); screenshots in outputs/test-artefacts/viewer/
+	$(PY) -m pytest -q -m viewer $(PYTEST_ARGS)
 
 test-slow: $(STAMP) ## the slow tests (learning checks, longer fault injection)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)

@@ -1,8 +1,9 @@
 """``python -m cervspine.predict``: a Kaggle submission.csv for ``data.root``'s test.csv, or, with
-``study=DIR``, one study's answer (``dicom_out=OUT``: also as DICOM SR + key images); the models of
+``study=DIR``, one study's answer (``dicom_out=OUT``: also as DICOM SR, SEG and key images); the models of
 ``run_dir``/``ckpt.*``, or of a bundle (``bundle=B backend=onnxruntime|openvino|torch``); see
-:mod:`cervspine.jobs.predict`. Exits non-zero, listing the studies,
-when any test study could not be scored (no submission is written then)."""
+:mod:`cervspine.jobs.predict`. The submission always has every row: a test study that cannot be scored
+is answered with the training prior and listed in failures.csv (``strict=true``: exits non-zero instead,
+listing the studies)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 import cervspine.config  # noqa: F401  (registers resolvers)
-from cervspine import TARGETS
+from cervspine.jobs.folder import FolderFailures, print_folder_result
 from cervspine.jobs.predict import (
     dicom_dir,
     make_predictor,
@@ -21,6 +22,7 @@ from cervspine.jobs.predict import (
     report_dir,
     thresholds_for,
 )
+from cervspine.scoring.levels import level_answers
 
 __all__ = ["main", "predict_folder", "predict_study_folder"]
 
@@ -31,10 +33,8 @@ def main(cfg: DictConfig) -> None:
     if cfg.get("study"):
         pred = predict_study_folder(cfg, predictor)
         thresholds = thresholds_for(cfg)
-        limits = thresholds.per_target() if thresholds is not None else [None] * len(TARGETS)
-        for t, p, limit in zip(TARGETS, pred.probabilities, limits):
-            call = "" if limit is None else ("  fracture suspected" if p > limit else "  not suspected")
-            print(f"{t:>16}: {p:.3f}{call}")
+        for answer in level_answers(pred.probabilities, thresholds, pred.not_localised):
+            print(f"  {answer.sentence()}")
         print(
             f"operating point: p > {thresholds.vertebra:.3f} (C1-C7), > {thresholds.patient:.3f} (patient); "
             f"{thresholds.rule}"
@@ -44,17 +44,14 @@ def main(cfg: DictConfig) -> None:
         if cfg.get("report") or cfg.get("dicom_out"):
             print(f"report: {report_dir(cfg, pred.uid) / 'report.html'}")
         if cfg.get("dicom_out"):
-            print(f"DICOM results (SR + key images): {dicom_dir(cfg, pred.uid)}")
+            print(f"DICOM results ({', '.join(cfg.dicom_objects)}): {dicom_dir(cfg, pred.uid)}")
         return
-    result = predict_folder(cfg, predictor)
-    if result.failed:
-        print(
-            f"submission.csv NOT written: {len(result.failed)} studies could not be scored:", file=sys.stderr
-        )
-        for uid, why in result.failed.items():
-            print(f"  {uid}: {why}", file=sys.stderr)
+    try:
+        result = predict_folder(cfg, predictor)
+    except FolderFailures as e:  # strict=true
+        print(e, file=sys.stderr)
         sys.exit(1)
-    print(f"submission: {result.submission}")
+    print_folder_result(result)
 
 
 if __name__ == "__main__":

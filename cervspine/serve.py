@@ -1,14 +1,16 @@
-"""``python -m cervspine.serve run_dir=R spool=DIR port=P ae_title=AE 'allowed_callers=[…]'
-destination.host=H destination.port=P destination.ae_title=AE idle_s=S http_port=P``: a DICOM node
+"""``python -m cervspine.serve run_dir=R spool=DIR port=P ae_title=AE
+'allowed_callers=[{ae_title:PACS,address:IP}]' destination.host=H destination.port=P
+destination.ae_title=AE idle_s=S http_port=P``: a DICOM node
 beside a PACS (see :mod:`cervspine.dicom.node`). Runs until SIGTERM or Ctrl-C; a restart resumes."""
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import hydra
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import cervspine.config  # noqa: F401  (registers resolvers)
 from cervspine.dicom.node import serve
@@ -25,7 +27,8 @@ def main(cfg: DictConfig) -> None:
     settings = instantiate(cfg.node)
     stage_checkpoints(cfg.run_dir, cfg.ckpt.stage1, cfg.ckpt.stage2)  # named errors now, models load later
     thresholds, _ = resolve_thresholds(cfg)
-    serve(settings, lambda: instantiate(cfg.predictor), thresholds)
+    factory = functools.partial(instantiate, OmegaConf.to_container(cfg.predictor, resolve=True))  # pickles
+    serve(settings, factory, thresholds)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from cervspine.cache import CachedStudy
 from cervspine.data.folds import assign_folds
 from cervspine.inference import load_predictor
 from cervspine.io.rsna import RsnaIndex
-from cervspine.scoring.aggregation import DEFAULT_EPS, aggregate_slices, fill_unlocalised, noisy_or
+from cervspine.scoring.aggregation import DEFAULT_EPS, aggregate_slices, fill_unlocalised
 from cervspine.scoring.answer import localised_levels
 from cervspine.scoring.calibration import (
     StudyCalibration,
@@ -42,6 +42,7 @@ from cervspine.scoring.calibration import (
     shrink_weights,
 )
 from cervspine.scoring.metrics import rsna_score
+from cervspine.scoring.probability import noisy_or
 from experiments.stage1_localisation import cached
 
 CALIBRATED_NOISY_OR = "noisy_or_of_calibrated_levels"

@@ -279,3 +279,39 @@ class LrProbe(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.lrs.append(float(trainer.optimizers[0].param_groups[0]["lr"]))
+
+
+PREMOVE = Path(__file__).parent / "data" / "premove"  # committed tiny models (an untrained stage 1)
+
+
+def answer_with_true_levels(out: Path, *, seed: int = 11, size: int = 192, n_slices: int = 72) -> dict:
+    """A synthetic study (``out/ct``, 2 mm slices, C5 fractured) answered by the real report and DICOM
+    writers into ``out/dicom``: the stage-2 answer is the committed test models'; their stage 1 is
+    untrained (no level reaches a visibility of 0.5), so stage 1's table is the generator's truth (each
+    level's slices and the spine's box, from its labels; the table's own schema) — every level localised
+    where it really is, as a trained stage 1 has it, and a SEG with a segment per level."""
+    from dataclasses import replace
+
+    from cervspine.cache import CacheParams, InMemoryStudy
+    from cervspine.cache.entry import area_fractions, spine_boxes, vertebra_areas
+    from cervspine.data.stage1_table import Stage1Output
+    from cervspine.dicom.results import results_for_study
+    from cervspine.inference import Predictor
+    from cervspine.io import load_study
+    from cervspine.jobs.records import study_record
+    from cervspine.report.study import write_study_report
+    from cervspine.scoring.thresholds import OperatingThreshold
+    from cervspine.synthetic import write_study
+
+    ct = out / "ct"
+    truth = write_study(ct, seed=seed, size=size, n_slices=n_slices, slice_spacing=2.0, fractured=["C5"])
+    predictor = Predictor.from_checkpoints(PREMOVE / "stage1.ckpt", [PREMOVE / "slice.ckpt"], device="cpu")
+    source = load_study(out / "ct")
+    study = InMemoryStudy(source, CacheParams(image_size=predictor.image_size))
+    stage1 = Stage1Output(area_fractions(vertebra_areas(truth.labels)), spine_boxes(truth.labels))
+    pred = replace(predictor.predict(study), slice_table=stage1.frame(study), stage1=stage1, not_localised=[])
+    thresholds = OperatingThreshold(0.055, 0.06, "set for the tests")
+    report = write_study_report(out / "report", study, pred, predictor, synthetic=True, threshold=thresholds)
+    results = results_for_study(out / "dicom", source, pred, report, predictor, thresholds, synthetic=True)
+    return {"uid": pred.uid, "ct": out / "ct", "results": results, "record": study_record(pred, thresholds),
+            "truth": truth, "pred": pred}  # fmt: skip

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from cervspine.models.safe_load import load_checkpoint
 from cervspine.train import train
 from tests.helpers import hydra_config, train_overrides, writable_copy
 
@@ -187,7 +188,7 @@ def test_ema_saves_averaged_weights_with_the_fitted_calibration(tiny_root, tmp_p
     ov += ["trainer.max_epochs=2", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=2"]
     with hydra_config("train", ov, tmp_path) as cfg:
         train(cfg)
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     averaged, current = ckpt["state_dict"], ckpt["current_model_state"]
     weight = "fracture_head.weight"
     assert not torch.equal(averaged[weight], current[weight])  # the average, not the last step

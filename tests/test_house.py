@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from timm.scheduler import CosineLRScheduler
 
 from cervspine.models.optim import OptimizedModule, scheduler_factory, warmup_cosine
+from cervspine.models.safe_load import load_checkpoint
 from tests.helpers import REPO, hydra_config, train_overrides
 
 PREMOVE = Path(__file__).parent / "data" / "premove"
@@ -152,7 +153,7 @@ def test_a_premove_checkpoint_with_plain_dict_backbone_and_scheduler_still_train
     from cervspine.data.datamodules import FractureDataModule
     from cervspine.models.fracture import FractureClassifier
 
-    ckpt = torch.load(PREMOVE / "slice.ckpt", map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(PREMOVE / "slice.ckpt")
     hp = ckpt["hyper_parameters"]
     for key in ("backbone", "scheduler"):  # plain mappings of options, no _target_
         assert isinstance(hp[key], Mapping) and "_target_" not in hp[key], key

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cervspine.models.safe_load import load_checkpoint
 from tests.helpers import writable_copy
 
 KIT_SCRIPT = Path(__file__).resolve().parents[1] / "cervspine" / "kaggle" / "kaggle_predict.py"
@@ -57,9 +58,9 @@ def test_the_kit_holds_the_runs_evaluated_models_without_training_state(kit, sha
         ("models/stage1.ckpt", shared_run.stage1),
         ("models/stage2.ckpt", shared_run.slice_stage2),
     ]:
-        packed = torch.load(folder / rel, map_location="cpu", weights_only=False)
+        packed = load_checkpoint(folder / rel)
         assert "optimizer_states" not in packed and "loops" not in packed
-        original = torch.load(source, map_location="cpu", weights_only=False)
+        original = load_checkpoint(source)
         assert all(torch.equal(packed["state_dict"][k], v) for k, v in original["state_dict"].items())
         assert (folder / rel).stat().st_size < source.stat().st_size
     assert set(manifest["sha256"]) >= {"models/stage1.ckpt", "models/stage2.ckpt", "models/stage2_seq.ckpt"}
@@ -82,6 +83,7 @@ def test_the_kits_script_writes_the_submission_the_pipeline_wrote(kit, shared_ru
 
 
 def test_a_study_that_cannot_be_read_is_answered_by_the_prior(kit, tiny_root, tmp_path):
+    from cervspine.jobs.folder import FolderFailures
     from cervspine.kaggle.predict import predict_test_folder
 
     data = writable_copy(tiny_root, tmp_path / "data", ".cervspine_cache", "train_images", "segmentations")
@@ -96,11 +98,13 @@ def test_a_study_that_cannot_be_read_is_answered_by_the_prior(kit, tiny_root, tm
     rows = sub[sub["row_id"].str.startswith(broken.name)]["fractured"].to_numpy()
     np.testing.assert_allclose(rows, result.predictions[broken.name], rtol=1e-6)
     assert ((rows > 0) & (rows < 1)).all()
-    with pytest.raises(Exception):  # noqa: B017  (strict: the study's own read error)
+    with pytest.raises(FolderFailures, match=broken.name):  # strict: an error, once the others are scored
         predict_test_folder(
-            data, tmp_path / "strict.csv", kit=kit.folder, device="cpu", workers=0, strict=True
+            data, tmp_path / "strict" / "strict.csv", kit=kit.folder, device="cpu", workers=0, strict=True
         )
-    assert not (tmp_path / "strict.csv").exists()
+    assert not (tmp_path / "strict" / "strict.csv").exists()
+    failures = pd.read_csv(tmp_path / "strict" / "failures.csv", dtype=str)
+    assert failures["StudyInstanceUID"].tolist() == [broken.name]
 
 
 def test_the_kit_pins_every_dependency_but_torch():

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from cervspine import TARGETS
+from cervspine.models.safe_load import load_checkpoint
 from tests.helpers import hydra_config, writable_copy
 
 
@@ -71,9 +72,10 @@ def test_predict_single_study_folder(shared_run, tiny_root, tmp_path):
     np.testing.assert_allclose([cached[t] for t in TARGETS], pred.probabilities, rtol=1e-4, atol=1e-5)
 
 
-def test_predict_on_a_missing_test_study_writes_no_submission(shared_run, tiny_root, tmp_path):
+def test_predict_on_a_missing_test_study_answers_it_with_the_prior(shared_run, tiny_root, tmp_path):
     import shutil
 
+    from cervspine.inference import load_predictor
     from cervspine.predict import predict_folder
 
     broken = writable_copy(tiny_root, tmp_path / "broken", ".cervspine_cache")
@@ -82,9 +84,14 @@ def test_predict_on_a_missing_test_study_writes_no_submission(shared_run, tiny_r
     overrides = [f"data.root={broken}", f"run_dir={shared_run.dir}", "data.image_size=64"]
     with hydra_config("predict", overrides, tmp_path / "run") as cfg:
         result = predict_folder(cfg)
-    assert list(result.failed) == [victim.name]
-    assert len(result.predictions) == 1  # the other test study was still scored
-    assert result.submission is None and not (tmp_path / "run" / "submission.csv").exists()
+    assert list(result.failed) == [victim.name] and "no study folder" in result.failed[victim.name]
+    assert len(result.predictions) == 2 and len(result.predictions) - len(result.failed) == 1  # one scored
+    sub = pd.read_csv(tmp_path / "run" / "submission.csv")
+    assert sub["row_id"].tolist() == pd.read_csv(broken / "test.csv")["row_id"].tolist()
+    rows = sub.set_index("row_id").loc[[f"{victim.name}_{t}" for t in TARGETS], "fractured"].to_numpy()
+    np.testing.assert_allclose(rows, load_predictor(shared_run.dir, device="cpu").prior, rtol=1e-5)
+    failures = pd.read_csv(tmp_path / "run" / "failures.csv", dtype=str)
+    assert failures["StudyInstanceUID"].tolist() == [victim.name]
 
 
 def test_evaluate_scores_at_the_checkpoints_image_size(shared_run, tiny_root, tmp_path):
@@ -108,7 +115,7 @@ def test_an_ensemble_scores_the_mean_of_its_members_study_logits(shared_run, tin
     from cervspine.inference import Predictor, load_predictor
 
     s1, s2 = shared_run.stage1, shared_run.slice_stage2
-    ckpt = torch.load(s2, map_location="cpu", weights_only=False)  # a second, different stage 2
+    ckpt = load_checkpoint(s2)  # a second, different stage 2
     gen = torch.Generator().manual_seed(0)
     for k, v in ckpt["state_dict"].items():
         if k.startswith(("fracture_head", "overall_head")):

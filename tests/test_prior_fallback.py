@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from cervspine.models.safe_load import load_checkpoint
 from cervspine.scoring.aggregation import fill_unlocalised, logit_mean
 from cervspine.scoring.calibration import shrink, shrink_weights
 from cervspine.scoring.competition import RSNA_PREVALENCE
@@ -58,7 +59,7 @@ def test_an_informative_fold_is_trusted_more_the_larger_it_is():
 @pytest.fixture(scope="module")
 def blind_stage1(tmp_path_factory) -> Path:
     """The tiny pre-move stage 1 made blind: its presence logits pushed to -30 (it finds nothing)."""
-    ckpt = torch.load(PREMOVE / "stage1.ckpt", map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(PREMOVE / "stage1.ckpt")
     ckpt["state_dict"]["presence_head.bias"].fill_(-30.0)
     path = tmp_path_factory.mktemp("blind") / "stage1_blind.ckpt"
     torch.save(ckpt, path)
@@ -112,7 +113,7 @@ def test_with_a_blind_stage1_the_pipeline_scores_the_prior_and_writes_its_submis
     from cervspine.predict import predict_folder
     from tests.helpers import hydra_config
 
-    ckpt = torch.load(shared_run.stage1, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(shared_run.stage1)
     ckpt["state_dict"]["presence_head.bias"].fill_(-30.0)
     blind = tmp_path / "stage1_blind.ckpt"
     torch.save(ckpt, blind)

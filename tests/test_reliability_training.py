@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from cervspine.models.fracture import FractureClassifier
+from cervspine.models.safe_load import load_checkpoint
 from cervspine.train import train
 from cervspine.training.guards import AtomicCheckpointIO, NonFiniteLossError, NonFiniteLossGuard
 from tests.helpers import TINY_DATA, TINY_STAGE2, hydra_config, mounted_tmpfs
@@ -44,7 +45,7 @@ def _flat(module: torch.nn.Module) -> torch.Tensor:
 
 
 def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_checkpoint(path)
 
 
 def _finite(ckpt: dict) -> bool:

@@ -18,6 +18,7 @@ from cervspine.cache import CachedStudy
 from cervspine.data.sequence import StudyGeometry, VertebraSequenceDataset
 from cervspine.data.spine import crop_pixels
 from cervspine.data.vertebra_crops import VertebraCropper, VertebraExtent, study_sequences
+from cervspine.models.safe_load import load_checkpoint
 from cervspine.models.sequence import VertebraSequenceClassifier
 from cervspine.scoring.aggregation import vertebra_rows
 from cervspine.scoring.metrics import prior_baseline
@@ -292,7 +293,7 @@ def test_study_sample_mode_with_box_mask_trains(tiny_root, tmp_path):
         metrics, objects = train(cfg)
     assert objects["trainer"].global_step == 2
     assert 0 < metrics["val/rsna_score"] < 10 and "val/auroc_patient_overall" in metrics
-    ckpt = torch.load(objects["summary"]["best_model_path"], map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(objects["summary"]["best_model_path"])
     assert ckpt["model_class"] == "VertebraSequenceClassifier"
     assert ckpt["datamodule_hyper_parameters"]["n_slices"] == 4
     assert ckpt["datamodule_hyper_parameters"]["synthetic"] is True  # recorded at training time
@@ -322,7 +323,7 @@ def seq_answers(shared_run, tiny_root, tmp_path_factory) -> Path:
 
 
 def test_pipeline_with_the_sequence_model(shared_run, seq_answers, tiny_root):
-    ckpt = torch.load(shared_run.seq_stage2, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(shared_run.seq_stage2)
     assert ckpt["model_class"] == "VertebraSequenceClassifier"
     assert ckpt["datamodule_hyper_parameters"]["sample"] == "vertebra"
     assert ckpt["state_dict"]["logit_shift"][0] > 0.5  # positives oversampled: evaluation undoes it

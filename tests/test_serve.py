@@ -6,6 +6,7 @@ destination, patient data, the status page in headless Chromium, and SIGKILLs of
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -36,6 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 STORESCU = shutil.which("storescu")
 NODE_AE, CALLER = "CERVSPINE", "PACS"
+OTHER_HOST = "127.0.0.2"  # loopback too: a second address on this machine
+CALLERS = ({"ae_title": CALLER, "address": "127.0.0.1/32"}, {"ae_title": "MODALITY", "address": OTHER_HOST})
 IDLE_S = 1.0
 
 
@@ -119,6 +122,13 @@ def studies(tmp_path_factory) -> dict[str, Path]:
     odd = make_study(root / "odd", 16, "1.2.826.0.1.3680043.990.6", n=1, Modality="<script>alert(1)</script>")
     out["odd"] = odd
     out["D"] = make_study(root / "D", 19, "1.2.826.0.1.3680043.990.9")  # sent twice, then changed
+    mixed = make_study(root / "M", 20, "1.2.826.0.1.3680043.990.10", n=8, PatientID="MIXED-1")
+    for f in study_files(mixed)[::3]:  # one series, two patients: results would go into someone's record
+        ds = pydicom.dcmread(f)
+        ds.PatientID = "MIXED-2"
+        ds.save_as(f, enforce_file_format=True)
+    out["M"] = mixed
+    out["E"] = make_study(root / "E", 21, "1.2.826.0.1.3680043.990.11")  # two series, one study
     out["K"] = make_study(root / "K", 17, "1.2.826.0.1.3680043.990.7")  # for the kill tests
     out["K2"] = make_study(root / "K2", 18, "1.2.826.0.1.3680043.990.8")
     return out
@@ -145,12 +155,13 @@ def _settings(spool: Path, dest_port: int, port: int, **kw):
     from cervspine.dicom.settings import Destination, NodeSettings
 
     base = dict(
-        idle_s=IDLE_S, http_port=orthanc.free_port(), synthetic=True, retry_initial_s=0.2, retry_max_s=1.0
-    )
+        idle_s=IDLE_S, http_port=orthanc.free_port(), synthetic=True, retry_initial_s=0.2, retry_max_s=1.0,
+        scoring={"isolate": False},  # the module's predictor, in this process (the killed nodes isolate)
+    )  # fmt: skip
     return NodeSettings(
         spool=spool,
         destination=Destination("127.0.0.1", dest_port, "ORTHANC"),
-        allowed_callers=(CALLER,),
+        allowed_callers=CALLERS,
         port=port,
         **{**base, **kw},
     )
@@ -192,8 +203,14 @@ def test_a_study_goes_in_and_its_results_come_out_in_the_pacs(node, pacs, studie
     sr_file = node.spool.root / "from_pacs_sr.dcm"
     sr_file.write_bytes(pacs.download(sr_id))
     sr = read_sr(sr_file)
-    record = json.loads((node.spool.sub("studies") / f"{uid}.json").read_text())
-    np.testing.assert_array_equal(sr.probabilities, [record[t] for t in TARGETS])
+    series = str(pydicom.dcmread(study_files(a)[0]).SeriesInstanceUID)
+    record = json.loads(node.spool.record_path(str(uid), series).read_text())
+    np.testing.assert_allclose(sr.probabilities, [record[t] for t in TARGETS], rtol=1e-12, atol=0)
+    assert [level["statement"] for level in record["levels"]] == [sr.labels[t] for t in TARGETS]
+    (seg_id,) = results_in(pacs, uid, "SEG")  # the levels stage 1 found, one segment each
+    seg = pydicom.dcmread(io.BytesIO(pacs.download(seg_id)), stop_before_pixels=True)
+    labels = [str(s.SegmentLabel).split(":")[0] for s in seg.SegmentSequence]
+    assert labels and set(labels) <= {e["vertebra"] for e in record["vertebra_extents"] if e["present"]}
     assert (
         sr.suspected == record["operating_point"]["fracture_suspected"] and job["sr_uid"] == record["sr_uid"]
     )
@@ -203,7 +220,8 @@ def test_a_study_goes_in_and_its_results_come_out_in_the_pacs(node, pacs, studie
         pacs.get(f"/series/{s}")["MainDicomTags"]["Modality"]
         for s in pacs.get(f"/studies/{orthanc_study}")["Series"]
     )
-    assert modalities == ["CT", "OT", "SR"]  # one study: the images and their results side by side
+    # one study: the images and their results side by side, each key image in a series of its own
+    assert modalities == ["CT", "OT", "OT", "OT", "SEG", "SR"]
     snap = status(node.settings.http_port)
     assert [j["state"] for j in snap["jobs"] if j["study_uid"] == uid] == ["sent"]
     html = page(node.settings.http_port)
@@ -221,7 +239,7 @@ def test_several_associations_at_once_and_bad_series_are_named_refusals(node, pa
         try:
             send(node.scp.port, study_files(studies["C"]))
             for name in ("MR", "odd"):
-                with pytest.raises(Exception, match="did not store|rejected|aborted"):
+                with pytest.raises(Exception, match="did not store|rejected|aborted|no presentation context"):
                     send(node.scp.port, study_files(studies[name]))
         except Exception as e:  # reported by the main thread
             errors.append(e)
@@ -243,6 +261,7 @@ def test_several_associations_at_once_and_bad_series_are_named_refusals(node, pa
     )
     assert "StudyReadError" in failed[0]["reason"] and "ImageOrientationPatient" in failed[0]["reason"]
     assert str(node.spool.root) not in failed[0]["reason"]  # paths in reasons are spool-relative
+    node.scp.events.flush(force=True)
     kinds = {(e["kind"], e["detail"].split(":")[0]) for e in node.queue.events()}
     assert ("context refused", "offers MR Image Storage") in kinds
     assert any(k == "instance refused" and "Modality" in e["detail"] for k, e in
@@ -256,17 +275,81 @@ def test_several_associations_at_once_and_bad_series_are_named_refusals(node, pa
     assert not results_in(pacs, pydicom.dcmread(study_files(studies["C"])[0]).StudyInstanceUID, "SR")
 
 
-def test_callers_not_allowed_are_refused(node, studies):
+def _store_from(host: str, port: int, files, caller: str = CALLER):
+    """C-STORE from the local address ``host``: (established?, rejected?, statuses of the stores)."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=caller)
+    ae.acse_timeout = ae.network_timeout = 10
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE, bind_address=(host, 0))
+    if not assoc.is_established:
+        return False, assoc.is_rejected, []
+    try:
+        return True, False, [int(assoc.send_c_store(f).Status) for f in files]
+    finally:
+        assoc.release()
+
+
+def test_callers_are_proven_by_ae_title_and_address(node, studies):
+    """The PACS's AE title from another address is rejected before any data; an address no caller has is
+    closed unread; unknown AE titles and a wrong called AE title are rejected."""
     from cervspine.dicom.sender import SendError
 
     before = len(node.spool.series_on_disk())
+    files = study_files(studies["A"])[:2]
+    assert _store_from(OTHER_HOST, node.scp.port, files) == (False, True, [])  # PACS from 127.0.0.2
+    established, rejected, _ = _store_from("127.0.0.3", node.scp.port, files)
+    assert not established and not rejected  # closed before the A-ASSOCIATE-RQ was even read
     for caller, called in (("INTRUDER", NODE_AE), (CALLER, "SOMEONE")):
         with pytest.raises(SendError, match="rejected"):
-            send(node.scp.port, study_files(studies["A"])[:1], caller=caller, called=called)
+            send(node.scp.port, files[:1], caller=caller, called=called)
+    node.scp.events.flush(force=True)  # refusals from one address are folded within a minute
     refused = [e for e in node.queue.events() if e["kind"] == "association refused"]
     assert any(e["subject"] == "INTRUDER" and "allowed_callers" in e["detail"] for e in refused)
+    assert any(e["subject"] == CALLER and f"not allowed from {OTHER_HOST}" in e["detail"] for e in refused)
     assert any("called AE title 'SOMEONE'" in e["detail"] for e in refused)
+    closed = [e for e in node.queue.events() if e["kind"] == "connection refused"]
+    assert any(e["subject"] == "127.0.0.3" and "closed unread" in e["detail"] for e in closed)
     assert len(node.spool.series_on_disk()) == before
+    assert f"{CALLER}@127.0.0.1/32" in page(node.settings.http_port)
+
+
+def test_a_series_that_mixes_patients_is_quarantined_by_name(node, studies, tmp_path):
+    files = study_files(studies["M"])
+    series = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+    send(node.scp.port, files)
+    (row,) = wait_for(
+        lambda: [s for s in node.queue.series("quarantined") if s["series_uid"] == series], what="M refused"
+    )
+    assert "PatientID differs" in row["reason"] and "mixed identity" in row["reason"]
+    assert "MIXED-" not in row["reason"]  # the IDs are patient data: counted, never named
+    assert not [j for j in node.queue.jobs() if j["series_uid"] == series]
+    folder = node.spool.sub("quarantine") / series
+    assert len(list(folder.glob("*.dcm"))) == len(files) and not node.spool.instances(series)
+    assert "PatientID differs" in json.loads((folder / "reason.json").read_text())["reason"]
+    assert "PatientID differs" in page(node.settings.http_port) and "Quarantined series" in page(
+        node.settings.http_port
+    )
+
+
+def test_each_series_of_a_study_keeps_its_own_record(node, studies, tmp_path):
+    """Two series of one study: two answers, two records (the second does not overwrite the first)."""
+    files = study_files(studies["E"])
+    uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    other = []
+    for k, f in enumerate(files):  # a second series of the same study (another reconstruction)
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID, ds.SeriesNumber = f"{ds.SeriesInstanceUID}.2", 2
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{ds.SOPInstanceUID}.2"
+        other.append(tmp_path / f"{k:03d}.dcm")
+        ds.save_as(other[-1], enforce_file_format=True)
+    send(node.scp.port, files)
+    send(node.scp.port, other)
+    jobs = wait_for(lambda: answered(node, uid, 2), what="both series of study E delivered")
+    records = sorted((node.spool.sub("studies") / uid).glob("*.json"))
+    assert sorted(p.stem for p in records) == sorted(j["series_uid"] for j in jobs)
+    assert {json.loads(p.read_text())["sr_uid"] for p in records} == {j["sr_uid"] for j in jobs}
 
 
 def test_a_study_sent_twice_is_answered_once_and_again_when_it_changed(node, pacs, studies, tmp_path):
@@ -377,7 +460,8 @@ class NodeProcess:
         self.tmp, self.port, self.spool = tmp, port, tmp / "spool"
         self.args = [
             sys.executable, "-m", "cervspine.serve", f"spool={self.spool}", f"port={port}",
-            f"ae_title={NODE_AE}", f"allowed_callers=[{CALLER}]", "destination.host=127.0.0.1",
+            f"ae_title={NODE_AE}", f"allowed_callers=[{{ae_title:{CALLER},address:127.0.0.1}}]",
+            "destination.host=127.0.0.1",
             f"destination.port={pacs.dicom_port}", "destination.ae_title=ORTHANC", "idle_s=3",
             "http_port=null", f"ckpt.stage1={PREMOVE / 'stage1.ckpt'}",
             f"ckpt.stage2=[{PREMOVE / 'slice.ckpt'}]",

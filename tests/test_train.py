@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from cervspine.models.safe_load import load_checkpoint
 from cervspine.train import train
 from tests.helpers import TINY_DATA, TINY_STAGE1, TINY_STAGE2, hydra_config, tiny_pipeline_overrides
 
@@ -160,7 +161,7 @@ def test_validation_scores_studies_and_checkpoints_on_rsna_score(seeded_run):
     from cervspine.inference import Runtime, load_stage2
     from cervspine.scoring.calibration import IDENTITY
 
-    saved = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]["study_calibration"]
+    saved = load_checkpoint(best)["state_dict"]["study_calibration"]
     assert saved.shape == (4,) and tuple(saved.tolist()) != IDENTITY
     stage2 = load_stage2(best, Runtime.create(device="cpu"))
     assert stage2.kind == "slice" and stage2.calibrated

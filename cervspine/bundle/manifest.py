@@ -1,6 +1,8 @@
 """A bundle's manifest (``manifest.json``): what inference needs besides the graphs, versioned, with the
 SHA-256 of every file. A bundle whose manifest is of another version, or whose files are missing or do not
-match their checksums, is refused with a :class:`BundleError` naming the file or the versions.
+match their checksums, is refused with a :class:`BundleError` naming the file or the versions; so is a
+bundle holding a file the manifest does not list with its checksum, and a manifest naming a file outside
+the bundle (an absolute path, ``..``, a link out of it) or one it does not list (:func:`member`).
 
 Schema (version 1)::
 
@@ -120,9 +122,63 @@ def read_manifest(bundle: str | Path, *, verify: bool = True) -> dict[str, Any]:
     return manifest
 
 
+def _confined(bundle: Path, name: Any) -> Path:
+    """``bundle/name`` if ``name`` is a relative path that stays inside the bundle (links resolved)."""
+    text = str(name)
+    parts = Path(text).parts
+    if not text or Path(text).is_absolute() or ".." in parts or "\\" in text:
+        raise BundleError(f"{bundle}: the manifest names {text!r}, a path outside the bundle: refused")
+    path = bundle / text
+    try:
+        path.resolve().relative_to(bundle.resolve())
+    except ValueError:
+        raise BundleError(f"{path}: leads outside the bundle (a link?): refused") from None
+    return path
+
+
+def member(bundle: str | Path, manifest: dict[str, Any], name: Any) -> Path:
+    """The bundle's file ``name`` as the manifest names it (a graph, a checkpoint, the model card): a
+    relative path inside the bundle that the manifest lists with its checksum, else :class:`BundleError`."""
+    bundle = Path(bundle)
+    path = _confined(bundle, name)
+    if str(name) not in (manifest.get("files") or {}):
+        raise BundleError(f"{path}: named by the manifest but not listed with its checksum: refused")
+    return path
+
+
+def referenced(manifest: dict[str, Any]) -> list[str]:
+    """Every file name the manifest refers to outside ``files``: graphs, checkpoints, the model card."""
+    names = []
+    for stage in [manifest.get("stage1") or {}, *(manifest.get("stage2") or [])]:
+        names += [g["file"] for g in (stage.get("graphs") or {}).values()]
+    ckpts = manifest.get("checkpoints") or {}
+    names += [ckpts["stage1"]] if ckpts.get("stage1") else []
+    names += list(ckpts.get("stage2") or [])
+    names += [manifest["model_card"]] if manifest.get("model_card") else []
+    return names
+
+
 def verify_files(bundle: Path, manifest: dict[str, Any]) -> None:
-    for name, entry in (manifest.get("files") or {}).items():
-        f = bundle / name
+    """Every listed file inside the bundle, present and matching its checksum; no file the manifest does
+    not list; every file it refers to listed."""
+    listed = manifest.get("files") or {}
+    for name in referenced(manifest):
+        member(bundle, manifest, name)
+    extra = sorted(
+        p.relative_to(bundle).as_posix()
+        for p in bundle.rglob("*")
+        if (p.is_file() or p.is_symlink())
+        and p.name != MANIFEST
+        and p.relative_to(bundle).as_posix() not in listed
+    )
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        raise BundleError(
+            f"{bundle}: holds {', '.join(extra[:3])}{more}, not listed in the manifest with a checksum: "
+            "refused (export the bundle again, or remove what was added to it)"
+        )
+    for name, entry in listed.items():
+        f = _confined(bundle, name)
         if not f.is_file():
             raise BundleError(f"{f}: listed in the bundle's manifest but missing")
         got = sha256(f)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +14,16 @@ import numpy as np
 
 from cervspine.bundle.backends import open_graph
 from cervspine.bundle.manifest import BundleError, read_manifest
+from cervspine.bundle.manifest import member as bundle_file
 from cervspine.bundle.stages import STAGES
 from cervspine.cache.params import CacheParams
 from cervspine.cache.study import CachedStudy, InMemoryStudy
 from cervspine.cpu import resolve_threads
 from cervspine.io import load_study
-from cervspine.io.atomic import write_csv_atomic, write_json_atomic
-from cervspine.jobs.records import study_record, submission_frame
-from cervspine.scoring.answer import StudyPrediction, combine_members
+from cervspine.io.atomic import write_json_atomic
+from cervspine.jobs.folder import FolderResult, missing_folders, score_folder
+from cervspine.jobs.records import study_record
+from cervspine.scoring.answer import StudyPrediction, combine_members, ensemble_prior
 from cervspine.scoring.thresholds import OperatingPoint, OperatingThreshold
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,9 @@ class BundlePredictor:
             if key not in STAGES:
                 raise BundleError(f"{self.bundle}: unknown {role} kind {record['kind']!r} in the manifest")
             graphs = {
-                name: open_graph(self.bundle / g["file"], backend, precision, self.num_threads)
+                name: open_graph(
+                    bundle_file(self.bundle, self.manifest, g["file"]), backend, precision, self.num_threads
+                )
                 for name, g in record["graphs"].items()
             }
             return STAGES[key](self.bundle, record, graphs, batch_size, size)
@@ -88,6 +91,11 @@ class BundlePredictor:
     @property
     def synthetic(self) -> bool:
         return bool(self.manifest.get("synthetic"))
+
+    @property
+    def prior(self) -> np.ndarray:
+        """(8,) the answer known without looking (the members' training priors, combined)."""
+        return ensemble_prior([m.prior for m in self.stage2])
 
     def predict(self, study: CachedStudy) -> StudyPrediction:
         """The study's answer; ``timings``: stage1, crops (stage-2 inputs), stage2, aggregate (s)."""
@@ -133,10 +141,11 @@ def load_bundle_predictor(
         )
     from cervspine.inference import Predictor  # torch: only for this backend
 
-    root = Path(bundle)
-    return Predictor.from_checkpoints(
-        root / ckpts["stage1"], [root / c for c in ckpts["stage2"]], precision=precision, **runtime
+    stage1, stage2 = (
+        bundle_file(bundle, manifest, ckpts["stage1"]),
+        [bundle_file(bundle, manifest, c) for c in ckpts["stage2"]],
     )
+    return Predictor.from_checkpoints(stage1, stage2, precision=precision, **runtime)
 
 
 def _predictor(bundle: str | Path | BundlePredictor, options: dict[str, Any]) -> BundlePredictor:
@@ -158,36 +167,29 @@ def predict_study(
     return pred
 
 
-@dataclass
-class FolderResult:
-    predictions: dict[str, np.ndarray] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
-    submission: Path | None = None
-
-
 def predict_folder(
-    bundle: str | Path | BundlePredictor, root: str | Path, out_dir: str | Path, **options
+    bundle: str | Path | BundlePredictor,
+    root: str | Path,
+    out_dir: str | Path,
+    *,
+    strict: bool = False,
+    **options,
 ) -> FolderResult:
-    """Every study of ``root``'s test.csv, each read in memory (nothing is written into ``root``):
-    ``out_dir/studies/<uid>.json``, and ``out_dir/submission.csv`` when every study was scored."""
+    """Every study of ``root``'s test.csv, each read in memory (nothing is written into ``root``), into
+    ``out_dir`` by the one folder loop (:func:`cervspine.jobs.folder.score_folder`: every row in
+    submission.csv, a study that cannot be scored answered with the prior and listed in failures.csv)."""
     from cervspine.io.rsna import RsnaIndex
 
     predictor = _predictor(bundle, options)
     index = RsnaIndex.from_root(root, require_images=False)
     if index.test is None or not len(index.test):
         raise FileNotFoundError(f"{root}: no test.csv rows to predict")
-    out, result = Path(out_dir), FolderResult()
-    for uid in dict.fromkeys(index.test["StudyInstanceUID"]):
-        folder = index.study_dir(uid)
-        if not folder.is_dir():
-            result.failed[uid] = f"no study folder {folder}"
-            continue
-        try:
-            result.predictions[uid] = predict_study(predictor, folder, out).probabilities
-        except Exception as e:  # keep scoring the others; report at the end
-            result.failed[uid] = f"{type(e).__name__}: {e}"
-            log.warning("%s: not scored (%s)", uid, result.failed[uid])
-    if not result.failed:
-        result.submission = out / "submission.csv"
-        write_csv_atomic(submission_frame(index.test, result.predictions), result.submission)
-    return result
+    params = CacheParams(image_size=predictor.image_size)
+
+    def read(uid: str) -> InMemoryStudy:
+        return InMemoryStudy(load_study(index.study_dir(uid), uid=uid), params)
+
+    return score_folder(
+        index.test, read, predictor.predict, predictor.prior, out_dir, thresholds=predictor.thresholds,
+        failed=missing_folders(index), strict=strict,
+    )  # fmt: skip

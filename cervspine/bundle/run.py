@@ -2,8 +2,9 @@
 DICOM study folder, or every study of an RSNA folder's test.csv, from a model bundle — without torch,
 Lightning or Hydra (what a deployment image needs: numpy, the DICOM readers and onnxruntime/openvino).
 
-``--out`` gets ``studies/<uid>.json`` per study and, for ``--root``, ``submission.csv`` once every study was
-scored (exit status 1 otherwise, listing the studies)."""
+``--out`` gets ``studies/<uid>.json`` per study and, for ``--root``, ``submission.csv`` with every row of
+test.csv (a study that cannot be scored answered with the prior, listed in failures.csv; ``--strict``: exit
+status 1 instead, listing the studies)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 from cervspine import TARGETS
 from cervspine.bundle.backends import BACKENDS
 from cervspine.bundle.predictor import BundlePredictor, predict_folder, predict_study
+from cervspine.jobs.folder import FolderFailures, print_folder_result
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,6 +28,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--precision", default="fp32", help="fp32 (default); bf16 on openvino")
     ap.add_argument("--threads", default="auto", help="intra-op threads: auto (the free cores) or a number")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--strict", action="store_true", help="a study that cannot be scored is an error")
     args = ap.parse_args(argv)
     if args.root and not args.out:
         ap.error("--root needs --out (where submission.csv goes)")
@@ -42,16 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
     )
     if args.root:
-        result = predict_folder(predictor, args.root, args.out)
-        if result.failed:
-            print(
-                f"submission.csv NOT written: {len(result.failed)} studies could not be scored:",
-                file=sys.stderr,
-            )
-            for uid, why in result.failed.items():
-                print(f"  {uid}: {why}", file=sys.stderr)
+        try:
+            print_folder_result(predict_folder(predictor, args.root, args.out, strict=args.strict))
+        except FolderFailures as e:
+            print(e, file=sys.stderr)
             return 1
-        print(f"submission: {result.submission}")
         return 0
     pred = predict_study(predictor, args.study, args.out)
     limits = predictor.thresholds.per_target() if predictor.thresholds is not None else [None] * len(TARGETS)

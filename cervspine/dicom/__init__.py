@@ -10,9 +10,16 @@ Results of a scored study (``predict study=DIR dicom_out=OUT`` and the node):
 
 The node (``python -m cervspine.serve``, :mod:`.node`):
 
-- :mod:`.scp`       C-STORE SCP (pynetdicom): CT Image Storage from the allowed callers into the spool
-- :mod:`.spool`     durable instance files and result folders; :mod:`.queue` the persisted queue (SQLite)
-- :mod:`.worker`    scoring a complete series into published results; :mod:`.sender` C-STORE to the PACS
-- :mod:`.status`    the status page; :mod:`.settings` the node's settings; :mod:`.faults` the crash hook
+- :mod:`.scp`       C-STORE SCP (pynetdicom): CT Image Storage from the allowed callers into the spool,
+                    within :class:`~.settings.Limits`; :mod:`.listener` its TCP side (unknown addresses
+                    closed unread, per-peer caps, TLS handshakes); :mod:`.callers` (AE title, address)
+                    pairs; :mod:`.tls` TLS both ways; :mod:`.events` refusal events, folded
+- :mod:`.spool`     durable instance files and result folders; :mod:`.queue` the persisted queue (SQLite);
+                    :mod:`.retention` what is purged when
+- :mod:`.answer`    the next complete series vetted (:mod:`.vetting`), scored — in a worker process,
+                    :mod:`.isolation` — by :mod:`.worker` into published results, or quarantined
+- :mod:`.delivery`  published results C-STOREd (:mod:`.sender`), retried or dead-lettered
+- :mod:`.liveness`  the node's loops: errors caught, backed off, liveness reported
+- :mod:`.status`    the status page; :mod:`.settings` the node's settings; :mod:`.faults` the fault hooks
 - :mod:`.orthanc`   a private Orthanc on free ports (the tests', the benchmark's and the README's PACS)
 """

@@ -17,6 +17,14 @@ NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSTIC USE (research software, not a medical de
 SYNTHETIC_NOTE = "SYNTHETIC: made with models trained on generated data; says nothing about real CT"
 
 
+def series_description(kind: str, synthetic: bool) -> str:
+    """A result series' description (LO, ≤ 64 characters) with the notices a study browser shows."""
+    text = f"{'SYNTHETIC ' if synthetic else ''}cervspine {kind} - NOT FOR DIAGNOSTIC USE"
+    if len(text) > 64:
+        raise ValueError(f"series description longer than 64 characters: {text!r}")
+    return text
+
+
 @functools.lru_cache(maxsize=32)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()

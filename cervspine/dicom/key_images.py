@@ -2,7 +2,9 @@
 
 Each is one of the study report's figures (the reformats with the detected levels, the probabilities at
 the operating point, the Grad-CAM key slices) with a banner burned into the pixels: "NOT FOR DIAGNOSTIC
-USE" and, where it holds, "SYNTHETIC". ``BurnedInAnnotation`` says so too.
+USE" and, where it holds, "SYNTHETIC". ``BurnedInAnnotation`` says so too. Each figure is the one image
+of its own series (Modality OT, as a figure of the study is): viewers play a series of several OT images
+as a cine loop (OHIF does), and the figures are not frames of one scene.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from matplotlib.figure import Figure
 from PIL import Image
 from pydicom.dataset import Dataset
 
-from cervspine.dicom.algorithm import Algorithm
+from cervspine.dicom.algorithm import Algorithm, series_description
 from cervspine.dicom.source import SourceSeries
 
-SC_SERIES_NUMBER = 9902
+SC_SERIES_NUMBER = 9903  # the first key image's series; the n-th is SC_SERIES_NUMBER + n - 1
 BANNER = "NOT FOR DIAGNOSTIC USE — cervspine research software, not a medical device"
 BANNER_TEXT = "NOT FOR DIAGNOSTIC USE - cervspine research software, not a medical device"  # ASCII
 SYNTHETIC_BANNER = "SYNTHETIC — models trained on generated data: says nothing about real CT"
@@ -62,8 +64,10 @@ def key_image(
     instance_number: int,
     sop_uid: str | None = None,
     source_slices: list[int] = (),
+    title: str = "key image",
 ) -> hd.sc.SCImage:
-    """One Secondary Capture image of ``rgb`` (banners added here) in the source study."""
+    """One Secondary Capture image of ``rgb`` (banners added here) in the source study: the only image of
+    series ``series_uid``, the ``instance_number``-th key image (``title`` in its series description)."""
     pixels = with_banners(np.asarray(rgb, dtype=np.uint8), algorithm.synthetic)
     prefix = "SYNTHETIC " if algorithm.synthetic else ""
     sc = hd.sc.SCImage.from_ref_dataset(
@@ -73,13 +77,13 @@ def key_image(
         bits_allocated=8,
         coordinate_system="PATIENT",
         series_instance_uid=series_uid,
-        series_number=SC_SERIES_NUMBER,
+        series_number=SC_SERIES_NUMBER + instance_number - 1,
         sop_instance_uid=sop_uid or hd.UID(),
-        instance_number=instance_number,
+        instance_number=1,
         manufacturer="cervspine project",
         patient_orientation=("P", "F"),
         transfer_syntax_uid="1.2.840.10008.1.2.1",
-        series_description=f"{prefix}cervspine key images - NOT FOR DIAGNOSTIC USE",
+        series_description=series_description(title, algorithm.synthetic),
         specific_character_set="ISO_IR 192",
     )
     sc.PatientOrientation = ""  # a figure, not an image plane: no patient orientation applies (type 2C)

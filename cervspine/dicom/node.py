@@ -1,11 +1,12 @@
-"""The DICOM node: C-STORE in, results out, nothing lost.
+"""The DICOM node: C-STORE in, results out, nothing lost, nothing dying silently.
 
-Threads: pynetdicom's (one per association, :mod:`.scp`) write instances into the spool; one worker
-promotes idle series to complete and scores them one at a time (:mod:`.worker`, models loaded once, on
-first need); one sender C-STOREs published jobs to the destination with retry and backoff
-(:mod:`.sender`); the status page (:mod:`.status`) reads the queue. State lives in the spool and its
-queue (:mod:`.queue`), so a node killed at any moment and started again finishes every acknowledged
-study exactly once (:meth:`Node.recover`).
+Threads: pynetdicom's (one per association, :mod:`.scp`) write instances into the spool; three loops
+(:mod:`.liveness`: each step guarded, errors logged and backed off, liveness reported) do the rest — the
+*scheduler* promotes idle series to complete and purges old work, the *scorer* answers one complete series
+at a time (:mod:`.answer`; decoding and scoring in a worker process, :mod:`.isolation`), the *sender*
+C-STOREs published jobs to the destination (:mod:`.delivery`); the status page (:mod:`.status`) reads
+the queue. State lives in the spool and its queue (:mod:`.queue`), so a node killed at any moment and
+started again finishes every acknowledged study exactly once (:meth:`Node.recover`).
 """
 
 from __future__ import annotations
@@ -19,22 +20,29 @@ from typing import Any
 
 import pydicom
 
+from cervspine.dicom.answer import Answerer
+from cervspine.dicom.delivery import Delivery
+from cervspine.dicom.isolation import InProcessScoring, WorkerProcessScoring
+from cervspine.dicom.liveness import Loop, health
 from cervspine.dicom.queue import JobQueue
+from cervspine.dicom.retention import Retention
 from cervspine.dicom.scp import StoreSCP
-from cervspine.dicom.sender import SendError, store_files
 from cervspine.dicom.settings import NodeSettings
 from cervspine.dicom.spool import Spool
 from cervspine.dicom.worker import Scorer, read_manifest
 from cervspine.io.atomic import write_json_atomic
-from cervspine.io.errors import CervspineInputError
 from cervspine.scoring.thresholds import OperatingThreshold
 
 log = logging.getLogger(__name__)
-PURGE_EVERY_S = 600.0
+ACTIVE_SERIES = ("receiving", "complete", "scoring")
+ACTIVE_ROWS = 500  # rows of work in progress the status page lists (the counts say how many in all)
+MEASURE_EVERY_S = 60.0  # the spool's size walked again (purges make it smaller)
 
 
 class Node:
-    """A running node (``start``/``stop``); :func:`serve` runs one until SIGTERM or SIGINT."""
+    """A running node (``start``/``stop``); :func:`serve` runs one until SIGTERM or SIGINT.
+    ``predictor_factory`` is called once where the scoring runs (it must pickle when that is a worker
+    process: ``settings.scoring.isolate``)."""
 
     def __init__(
         self,
@@ -46,12 +54,24 @@ class Node:
         self.spool = Spool(settings.spool)
         self.queue = JobQueue(self.spool.db)
         self.scp = StoreSCP(settings, self.spool, self.queue)
-        self.scorer = Scorer(self.spool, predictor_factory, thresholds, settings.synthetic)
+        sc = settings.scoring
+        if sc.isolate:
+            self.scoring = WorkerProcessScoring(
+                self.spool, predictor_factory, thresholds, settings.synthetic,
+                memory_mb=sc.memory_mb, timeout_s=sc.timeout_s,
+            )  # fmt: skip
+        else:
+            self.scoring = InProcessScoring(
+                Scorer(self.spool, predictor_factory, thresholds, settings.synthetic)
+            )
+        self.answerer = Answerer(self.spool, self.queue, self.scoring, sc)
+        self.delivery = Delivery(settings, self.spool, self.queue, settings.tls.client_context())
         self.thresholds = thresholds
         self.status = None
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._last_purge = 0.0
+        self.loops: list[Loop] = []
+        self.retention = Retention(self.spool, self.queue, settings.retain_days)
+        self._last_measure = 0.0
 
     # ------------------------------------------------------------------ life cycle
 
@@ -59,23 +79,32 @@ class Node:
         summary = self.recover()
         log.info("recovered: %s", summary)
         self.scp.start()
-        self.scorer.warm_up()
-        for name, loop in (("worker", self._work_loop), ("sender", self._send_loop)):
-            t = threading.Thread(target=loop, name=f"cervspine-{name}", daemon=True)
-            t.start()
-            self._threads.append(t)
-        if self.settings.http_port is not None:
+        self.scoring.warm_up()
+        s, stop = self.settings, self._stop
+        self.loops = [
+            Loop("scheduler", self._schedule, stop, idle_s=s.poll_s),
+            Loop("scorer", self.answerer.step, stop, idle_s=s.poll_s, step_limit_s=s.scoring.timeout_s + 120),
+            Loop("sender", self.delivery.step, stop, idle_s=s.poll_s, step_limit_s=1800),
+        ]
+        for loop in self.loops:
+            loop.start()
+        if s.http_port is not None:
             from cervspine.dicom.status import StatusServer
 
-            self.status = StatusServer(self.settings.http_port, self.snapshot, self.spool.sub("reports"))
+            self.status = StatusServer(
+                s.http_port, self.snapshot, self.spool.sub("reports"), self.health,
+                hosts=s.status_hosts, token=s.status_token,
+            )  # fmt: skip
             self.status.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
         self.scp.stop()
-        for t in self._threads:
-            t.join(timeout=60)
+        for loop in self.loops:
+            loop.join(timeout=60)
+        self.scp.events.flush(force=True)
+        self.scoring.close()
         if self.status is not None:
             self.status.stop()
         self.queue.close()
@@ -90,19 +119,25 @@ class Node:
         for box, sent in (("outbox", False), ("sent", True)):
             for folder in sorted(self.spool.sub(box).iterdir()):
                 manifest = read_manifest(folder)
+                if manifest is None and box == "outbox" and folder.is_dir():
+                    why = "manifest missing or damaged at start-up: the results cannot be sent as made"
+                    self.spool.dead_letter(folder.name, why)
+                    self.queue.job_dead(folder.name, why)
+                    log.error("job %s dead-lettered: %s", folder.name, why)
+                    continue
                 if manifest and self.queue.job_for(manifest["series_uid"], manifest["content_hash"]) is None:
                     same = self.spool.content_hash(manifest["series_uid"])[0] == manifest["content_hash"]
                     self.queue.recover_job(manifest, sent=sent, answered=same)
                     write_json_atomic(
-                        self.spool.sub("studies") / f"{manifest['study_uid']}.json", manifest["record"]
+                        self.spool.record_path(manifest["study_uid"], manifest["series_uid"]),
+                        manifest["record"],
                     )
                     jobs += 1
         reopened = 0
         for series_uid in self.spool.series_on_disk():
             row, latest = self.queue.one_series(series_uid), self.spool.latest_mtime(series_uid)
             if latest and (row is None or latest > float(row["last_arrival"] or 0) + 1e-3):
-                files = self.spool.instances(series_uid)
-                study = str(pydicom.dcmread(files[-1], stop_before_pixels=True).StudyInstanceUID)
+                study = row["study_uid"] if row else self._study_of(series_uid)
                 self.queue.received(series_uid, study, row["caller"] if row else "(recovered)", t=latest)
                 reopened += 1
         self.queue.restart_idle_clocks()
@@ -113,120 +148,71 @@ class Node:
             "reopened": reopened,
         }
 
-    # ------------------------------------------------------------------ the worker
-
-    def _work_loop(self) -> None:
-        while not self._stop.is_set():
+    def _study_of(self, series_uid: str) -> str:
+        for f in reversed(self.spool.instances(series_uid)):
             try:
-                self.queue.promote_idle(self.settings.idle_s, busy=self.scp.busy_series())
-                row = self.queue.next_complete()
-                if row is None:
-                    self._purge_old()
-                    self._stop.wait(self.settings.poll_s)
-                    continue
-                self._answer(row)
-            except Exception:  # never let the worker die: the next series gets its chance
-                log.exception("worker error")
-                self._stop.wait(1.0)
+                return str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID)
+            except Exception:  # a damaged file: the next one
+                continue
+        return "(unknown)"
 
-    def _answer(self, row: dict[str, Any]) -> None:
-        series_uid = row["series_uid"]
-        content_hash, n = self.spool.content_hash(series_uid)
-        done = self.queue.job_for(series_uid, content_hash)
-        if done is not None:
-            self.queue.set_series(series_uid, "answered", content_hash=content_hash)
-            log.info(
-                "series %s: the same %d instances as job %s, not answered again", series_uid, n, done["job"]
-            )
-            self.queue.event(
-                "already answered", series_uid, f"{n} instances unchanged since job {done['job']}"
-            )
-            return
-        earlier = [j["job"] for j in self.queue.jobs() if j["series_uid"] == series_uid]
-        log.info("series %s (%d instances): scoring", series_uid, n)
-        try:
-            manifest = self.scorer.score(series_uid, content_hash, earlier)
-        except CervspineInputError as e:
-            self._refuse(series_uid, f"{type(e).__name__}: {e}")
-            return
-        except Exception as e:  # a model or report failure on this series: named, the node goes on
-            log.exception("series %s: scoring failed", series_uid)
-            self._refuse(series_uid, f"{type(e).__name__}: {e}")
-            return
-        self.queue.add_job({**manifest, "last_arrival": row["last_arrival"]})
-        log.info("series %s: job %s published (%.1f s)", series_uid, manifest["job"], manifest["seconds"])
+    # ------------------------------------------------------------------ the scheduler
 
-    def _refuse(self, series_uid: str, reason: str) -> None:
-        reason = reason.replace(str(self.spool.root), "<spool>")
-        log.warning("series %s refused: %s", series_uid, reason)
-        self.queue.set_series(series_uid, "failed", reason=reason)
-        self.queue.event("series refused", series_uid, reason)
-
-    def _purge_old(self) -> None:
-        days = self.settings.retain_days
-        if days is None or time.time() - self._last_purge < PURGE_EVERY_S:
-            return
-        self._last_purge = time.time()
-        for row in self.queue.series("answered"):
-            if time.time() - float(row["updated"] or 0) > float(days) * 86400:
-                self.spool.purge_series(row["series_uid"])
-
-    # ------------------------------------------------------------------ the sender
-
-    def _send_loop(self) -> None:
-        while not self._stop.is_set():
-            for job in self.queue.due_jobs():
-                if self._stop.is_set():
-                    break
-                self._send(job)
-            self._stop.wait(self.settings.poll_s)
-
-    def _send(self, job: dict[str, Any]) -> None:
-        folder = self.spool.results(job["job"])
-        manifest = read_manifest(folder)
-        try:
-            if manifest is None:
-                raise SendError(f"{folder.name}: results missing from the spool")
-            files = [folder / name for name in manifest["files"]]
-            store_files(self.settings.destination, files, self.settings.ae_title)
-        except (SendError, OSError, RuntimeError, ValueError) as e:
-            wait = self.settings.backoff(int(job["attempts"]) + 1)
-            log.warning(
-                "job %s not delivered (attempt %d, next in %.0f s): %s",
-                job["job"],
-                job["attempts"] + 1,
-                wait,
-                e,
-            )
-            self.queue.job_failed(job["job"], f"{type(e).__name__}: {e}", wait)
-            return
-        self.queue.job_sent(job["job"])
-        self.spool.mark_sent(job["job"])
-        log.info("job %s delivered to %s", job["job"], self.settings.destination.ae_title)
+    def _schedule(self) -> bool:
+        promoted = self.queue.promote_idle(self.settings.idle_s, busy=self.scp.busy_series())
+        self.scp.events.flush()
+        if time.time() - self._last_measure > MEASURE_EVERY_S:
+            self._last_measure = time.time()
+            self.scp.meter.measure()
+        self.retention.step()
+        return promoted > 0
 
     # ------------------------------------------------------------------ views
 
-    def snapshot(self) -> dict[str, Any]:
-        """What the status page shows (UIDs, AE titles and reasons only: no patient data)."""
+    def snapshot(self, page: int = 0) -> dict[str, Any]:
+        """What the status page shows (UIDs, AE titles and reasons only: no patient data): the work in
+        progress (at most :data:`ACTIVE_ROWS` rows of each kind) and page ``page`` of the finished work
+        (``status_page_size`` rows of each kind) — never the whole history at once."""
         s = self.settings
         t = self.thresholds
+        size, q = int(s.status_page_size), self.queue
+        at = dict(limit=size, offset=int(page) * size)
+        series = [r for st in ACTIVE_SERIES for r in q.series(st, limit=ACTIVE_ROWS)]
+        series += [r for st in ("failed", "quarantined") for r in q.series(st, **at)]
+        jobs = q.jobs("sending", limit=ACTIVE_ROWS) + q.jobs("dead", **at) + q.jobs("sent", **at)
+        counts = {**q.series_counts(), **q.job_counts(), "events": q.event_count()}
         return {
             "node": {
                 "ae_title": s.ae_title,
                 "port": self.scp.port,
-                "allowed_callers": list(s.allowed_callers),
+                "allowed_callers": [str(c) for c in s.allowed_callers],
                 "destination": f"{s.destination.ae_title}@{s.destination.host}:{s.destination.port}",
                 "idle_s": s.idle_s,
                 "operating_point": None
                 if t is None
                 else {"vertebra": t.vertebra, "patient": t.patient, "rule": t.rule},
-                "synthetic": self.scorer.synthetic_if_known,
+                "synthetic": self.scoring.synthetic_if_known,
             },
-            "series": self.queue.series(),
-            "jobs": self.queue.jobs(),
-            "events": self.queue.events(),
+            "threads": self.threads(),
+            "health": self.health(),
+            "series": series,
+            "jobs": jobs,
+            "events": q.events(**at),
+            "counts": counts,
+            "page": int(page),
+            "page_size": size,
+            "largest": max([counts.get(k, 0) for k in ("failed", "quarantined", "dead", "sent", "events")]),
             "now": time.time(),
         }
+
+    def threads(self) -> list[dict[str, Any]]:
+        """Each loop's liveness, and the listener's (the thread that accepts connections)."""
+        listener = self.scp.listener_thread
+        alive = listener is not None and listener.is_alive()
+        return [{"name": "listener", "alive": alive, "stalled": False}, *(loop.info() for loop in self.loops)]
+
+    def health(self) -> dict[str, Any]:
+        return health(self.threads(), stopping=self._stop.is_set())
 
 
 def serve(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # Debian's orthanc-dicomweb
 
 
 def free_port() -> int:
@@ -26,8 +27,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def available() -> bool:
-    return Path(ORTHANC).is_file()
+def available(dicomweb: bool = False) -> bool:
+    """Whether Orthanc (and, with ``dicomweb``, its DICOMweb plugin) is installed."""
+    return Path(ORTHANC).is_file() and (not dicomweb or DICOMWEB_PLUGIN.is_file())
 
 
 class LocalOrthanc:
@@ -41,12 +43,16 @@ class LocalOrthanc:
         modalities: dict[str, tuple[str, str, int]] | None = None,
         dicom_port: int | None = None,
         http_port: int | None = None,
+        dicomweb: bool = False,
+        extra: dict[str, Any] | None = None,
     ):
         self.folder = Path(folder)
+        self.extra = dict(extra or {})  # more configuration (e.g. DicomTlsEnabled and its certificates)
         self.aet = aet
         self.dicom_port = dicom_port or free_port()
         self.http_port = http_port or free_port()
         self.modalities = dict(modalities or {})
+        self.dicomweb = dicomweb  # QIDO-RS / WADO-RS under /dicom-web/ (what web viewers read)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -64,13 +70,17 @@ class LocalOrthanc:
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "DicomModalities": {k: list(v) for k, v in self.modalities.items()},
-            "Plugins": [],
+            "Plugins": [str(DICOMWEB_PLUGIN)] if self.dicomweb else [],
+            "DicomWeb": {"Enable": self.dicomweb, "Root": "/dicom-web/"},
             "StableAge": 1,
+            **self.extra,
         }
 
     def start(self, timeout_s: float = 30.0) -> LocalOrthanc:
         if not available():
             raise FileNotFoundError(f"{ORTHANC}: no Orthanc (Debian package 'orthanc'; make dicom-tools)")
+        if self.dicomweb and not available(dicomweb=True):
+            raise FileNotFoundError(f"{DICOMWEB_PLUGIN}: no DICOMweb plugin (Debian 'orthanc-dicomweb')")
         self.folder.mkdir(parents=True, exist_ok=True)
         cfg = self.folder / "orthanc.json"
         cfg.write_text(json.dumps(self.config(), indent=2))

@@ -1,11 +1,15 @@
 """The node's persisted queue: a small SQLite database (WAL, synchronous=FULL) in the spool.
 
 ``series``: each received series and where it stands —
-``receiving`` → (no instance for ``idle_s``) ``complete`` → ``scoring`` → ``answered``, or ``failed``
-with the reason. ``jobs``: each set of results (one per series *and content hash*) — ``sending`` until
-the destination acknowledged every object, then ``sent``. A job per (series, content) is what makes a
-study sent twice answered once: the same instances give the same hash, and that job exists already.
-``events``: refusals and other things the status page lists (no patient data: UIDs and AE titles).
+``receiving`` → (no instance for ``idle_s``) ``complete`` → ``scoring`` → ``answered``; or ``failed``
+(it cannot be read: the reason), or ``quarantined`` (poison: over a limit, mixed identity, or ``attempts``
+scoring attempts that crashed or failed). ``attempts`` counts the attempts on the series' current
+instances, written *before* each attempt, so an attempt that kills the node counts too. ``jobs``: each
+set of results (one per series *and content hash*) — ``sending`` until the destination acknowledged every
+object, then ``sent``; ``dead`` when it was dead-lettered (the reason in ``last_error``). A job per
+(series, content) is what makes a study sent twice answered once: the same instances give the same
+hash, and that job exists already. ``events``: refusals and other things the status page lists (no
+patient data: UIDs, AE titles, addresses), repeats of one refusal folded into its ``count``, pruned.
 
 Every transition is one transaction, so a node killed at any moment restarts from a consistent queue;
 :meth:`JobQueue.reset_interrupted` puts a series that was being scored back to ``complete``.
@@ -24,7 +28,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS series (
     series_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL, state TEXT NOT NULL, caller TEXT,
     first_arrival REAL, last_arrival REAL, n_stored INTEGER DEFAULT 0, content_hash TEXT,
-    reason TEXT, updated REAL
+    reason TEXT, updated REAL, attempts INTEGER DEFAULT 0, attempt_hash TEXT, poison TEXT,
+    not_before REAL DEFAULT 0, purged_n INTEGER
 );
 CREATE TABLE IF NOT EXISTS jobs (
     job TEXT PRIMARY KEY, series_uid TEXT NOT NULL, study_uid TEXT NOT NULL, content_hash TEXT NOT NULL,
@@ -32,14 +37,28 @@ CREATE TABLE IF NOT EXISTS jobs (
     sr_uid TEXT, patient_p REAL, suspected INTEGER, n_files INTEGER, last_arrival REAL, created REAL,
     sent_at REAL, UNIQUE(series_uid, content_hash)
 );
-CREATE TABLE IF NOT EXISTS events (t REAL, kind TEXT, subject TEXT, detail TEXT);
+CREATE TABLE IF NOT EXISTS events (t REAL, kind TEXT, subject TEXT, detail TEXT, count INTEGER DEFAULT 1,
+    last REAL);
+CREATE INDEX IF NOT EXISTS series_state ON series (state, last_arrival);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created);
+CREATE INDEX IF NOT EXISTS events_t ON events (t);
 """
+ADDED_COLUMNS = {  # columns newer than the first schema: added to a queue made before them
+    "series": (
+        "attempts INTEGER DEFAULT 0",
+        "attempt_hash TEXT",
+        "poison TEXT",
+        "not_before REAL DEFAULT 0",
+        "purged_n INTEGER",
+    ),
+    "events": ("count INTEGER DEFAULT 1", "last REAL"),
+}
 
-SERIES_STATES = ("receiving", "complete", "scoring", "answered", "failed")
-JOB_STATES = ("sending", "sent")
+SERIES_STATES = ("receiving", "complete", "scoring", "answered", "failed", "quarantined")
+JOB_STATES = ("sending", "sent", "dead")
 
 
-class JobQueue:
+class _Database:
     """Thread-safe access to the queue database (one connection, one lock)."""
 
     def __init__(self, path):
@@ -49,6 +68,11 @@ class JobQueue:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        for table, columns in ADDED_COLUMNS.items():
+            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            for col in columns if have else ():
+                if col.split()[0] not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {col}")
         self._db.executescript(SCHEMA)
 
     def close(self) -> None:
@@ -70,7 +94,9 @@ class JobQueue:
         with self._lock:
             return [dict(r) for r in self._db.execute(sql, args).fetchall()]
 
-    # ------------------------------------------------------------------ receiving
+
+class _SeriesTable(_Database):
+    """Series: received, complete, scored (each attempt counted), answered, refused or quarantined."""
 
     def received(self, series_uid: str, study_uid: str, caller: str, t: float | None = None) -> None:
         """An instance of the series is on disk: (re)open the series, its idle clock restarted."""
@@ -81,9 +107,11 @@ class JobQueue:
                 "n_stored, updated) VALUES (?, ?, 'receiving', ?, ?, ?, 1, ?) "
                 "ON CONFLICT(series_uid) DO UPDATE SET state='receiving', caller=excluded.caller, "
                 "last_arrival=excluded.last_arrival, n_stored=n_stored+1, reason=NULL, "
-                "updated=excluded.updated, "
-                "first_arrival=CASE WHEN state IN ('answered', 'failed') THEN excluded.first_arrival "
-                "ELSE first_arrival END",
+                "updated=excluded.updated, not_before=0, "
+                "attempts=CASE WHEN state='quarantined' THEN 0 ELSE attempts END, "
+                "poison=CASE WHEN state='quarantined' THEN NULL ELSE poison END, "
+                "first_arrival=CASE WHEN state IN ('answered', 'failed', 'quarantined') "
+                "THEN excluded.first_arrival ELSE first_arrival END",
                 (series_uid, study_uid, caller, t, t, t),
             )
 
@@ -108,11 +136,24 @@ class JobQueue:
         with self._tx() as db:
             return db.execute("UPDATE series SET last_arrival=? WHERE state='receiving'", (now,)).rowcount
 
-    def next_complete(self) -> dict[str, Any] | None:
-        """The complete series that has waited longest, now ``scoring`` (None when there is none)."""
+    def mark_poison(self, series_uid: str, reason: str) -> None:
+        """The series broke a limit while it was received: it will be quarantined, not scored (the first
+        reason is kept)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE series SET poison=COALESCE(poison, ?), updated=? WHERE series_uid=?",
+                (reason, time.time(), series_uid),
+            )
+
+    def next_complete(self, now: float | None = None) -> dict[str, Any] | None:
+        """The complete series that has waited longest (and is not waiting out a retry delay), now
+        ``scoring`` (None when there is none)."""
+        now = time.time() if now is None else now
         with self._tx() as db:
             row = db.execute(
-                "SELECT * FROM series WHERE state='complete' ORDER BY last_arrival LIMIT 1"
+                "SELECT * FROM series WHERE state='complete' AND COALESCE(not_before, 0) <= ? "
+                "ORDER BY last_arrival LIMIT 1",
+                (now,),
             ).fetchone()
             if row is None:
                 return None
@@ -134,7 +175,72 @@ class JobQueue:
                 (state, reason, content_hash, time.time(), series_uid),
             )
 
-    # ------------------------------------------------------------------ jobs
+    def start_attempt(self, series_uid: str, content_hash: str) -> int:
+        """Count one more attempt at scoring the series as its instances stand (``content_hash``; other
+        instances than the last attempt's start the count again) before it is made; returns the count."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE series SET attempts=CASE WHEN attempt_hash IS ? THEN attempts + 1 ELSE 1 END, "
+                "attempt_hash=?, updated=? WHERE series_uid=?",
+                (content_hash, content_hash, time.time(), series_uid),
+            )
+            row = db.execute("SELECT attempts FROM series WHERE series_uid=?", (series_uid,)).fetchone()
+            return int(row[0]) if row else 0
+
+    def mark_purged(self, series_uid: str, n: int) -> None:
+        """The series' ``n`` instances were purged: a re-send of fewer is not answered as complete."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE series SET purged_n=MAX(COALESCE(purged_n, 0), ?), updated=? WHERE series_uid=?",
+                (int(n), time.time(), series_uid),
+            )
+
+    def count_failure(self, series_uid: str) -> int:
+        """One more failed attempt at the series (one that failed before it could start); the count."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE series SET attempts=COALESCE(attempts, 0) + 1 WHERE series_uid=?", (series_uid,)
+            )
+            row = db.execute("SELECT attempts FROM series WHERE series_uid=?", (series_uid,)).fetchone()
+            return int(row[0]) if row else 0
+
+    def uncount_attempt(self, series_uid: str) -> None:
+        """The last attempt was not the series' fault (disk full, models missing): it does not count."""
+        with self._tx() as db:
+            db.execute("UPDATE series SET attempts=MAX(0, attempts - 1) WHERE series_uid=?", (series_uid,))
+
+    def retry_later(self, series_uid: str, reason: str, delay_s: float) -> None:
+        """A series being scored goes back to ``complete``, not taken again for ``delay_s``."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE series SET state='complete', reason=?, not_before=?, updated=? "
+                "WHERE series_uid=? AND state='scoring'",
+                (reason, time.time() + delay_s, time.time(), series_uid),
+            )
+
+    def reset_interrupted(self) -> int:
+        """After a restart: series that were being scored go back to ``complete``."""
+        with self._tx() as db:
+            return db.execute("UPDATE series SET state='complete' WHERE state='scoring'").rowcount
+
+    def series(self, state: str | None = None, limit: int = -1, offset: int = 0) -> list[dict[str, Any]]:
+        where = "" if state is None else "WHERE state=? "
+        args = () if state is None else (state,)
+        sql = f"SELECT * FROM series {where}ORDER BY last_arrival DESC LIMIT ? OFFSET ?"
+        return self._rows(sql, *args, int(limit), int(offset))
+
+    def one_series(self, series_uid: str) -> dict[str, Any] | None:
+        rows = self._rows("SELECT * FROM series WHERE series_uid=?", series_uid)
+        return rows[0] if rows else None
+
+    def series_counts(self) -> dict[str, int]:
+        return {
+            r["state"]: r["n"] for r in self._rows("SELECT state, COUNT(*) AS n FROM series GROUP BY state")
+        }
+
+
+class _JobTable(_SeriesTable):
+    """Jobs: published results, sent, or dead-lettered."""
 
     def job_for(self, series_uid: str, content_hash: str) -> dict[str, Any] | None:
         rows = self._rows(
@@ -154,7 +260,7 @@ class JobQueue:
                 (*values, time.time()),
             )
             db.execute(
-                "UPDATE series SET state='answered', content_hash=?, reason=NULL, updated=? "
+                "UPDATE series SET state='answered', content_hash=?, reason=NULL, updated=?, purged_n=NULL "
                 "WHERE series_uid=? AND state='scoring'",
                 (job["content_hash"], time.time(), job["series_uid"]),
             )
@@ -207,30 +313,62 @@ class JobQueue:
                 (error, time.time() + retry_in, job),
             )
 
-    # ------------------------------------------------------------------ recovery and views
-
-    def reset_interrupted(self) -> int:
-        """After a restart: series that were being scored go back to ``complete``."""
+    def job_dead(self, job: str, reason: str) -> None:
+        """Dead-lettered: not sent again (its folder is in ``dead_letter/``). A job the queue never
+        recorded (found damaged at start-up) is recorded so, from its name ``<series>-<hash prefix>``."""
+        series_uid, _, prefix = job.rpartition("-")
+        now = time.time()
         with self._tx() as db:
-            return db.execute("UPDATE series SET state='complete' WHERE state='scoring'").rowcount
+            db.execute(
+                "INSERT OR IGNORE INTO jobs (job, series_uid, study_uid, content_hash, state, created) "
+                "VALUES (?, ?, '(unknown)', ?, 'dead', ?)",
+                (job, series_uid or job, prefix or job, now),
+            )
+            db.execute(
+                "UPDATE jobs SET state='dead', attempts=attempts+1, last_error=?, next_try=? WHERE job=?",
+                (reason, now, job),
+            )
 
-    def event(self, kind: str, subject: str, detail: str) -> None:
+    def jobs(self, state: str | None = None, limit: int = -1, offset: int = 0) -> list[dict[str, Any]]:
+        where = "" if state is None else "WHERE state=? "
+        args = () if state is None else (state,)
+        sql = f"SELECT * FROM jobs {where}ORDER BY created DESC LIMIT ? OFFSET ?"
+        return self._rows(sql, *args, int(limit), int(offset))
+
+    def jobs_of(self, series_uid: str) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM jobs WHERE series_uid=? ORDER BY created", series_uid)
+
+    def job_counts(self) -> dict[str, int]:
+        return {
+            r["state"]: r["n"] for r in self._rows("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+        }
+
+
+class JobQueue(_JobTable):
+    """The node's queue: series, jobs and events (:mod:`.queue`)."""
+
+    def event(self, kind: str, subject: str, detail: str, count: int = 1) -> None:
+        """Record a refusal or notice (``count``: how many like it it stands for)."""
+        now = time.time()
         with self._tx() as db:
-            db.execute("INSERT INTO events VALUES (?, ?, ?, ?)", (time.time(), kind, subject, detail))
+            db.execute(
+                "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)", (now, kind, subject, detail, count, now)
+            )
 
-    def series(self, state: str | None = None) -> list[dict[str, Any]]:
-        if state is None:
-            return self._rows("SELECT * FROM series ORDER BY last_arrival DESC")
-        return self._rows("SELECT * FROM series WHERE state=? ORDER BY last_arrival DESC", state)
+    def event_count(self) -> int:
+        return int(self._rows("SELECT COUNT(*) AS n FROM events")[0]["n"])
 
-    def one_series(self, series_uid: str) -> dict[str, Any] | None:
-        rows = self._rows("SELECT * FROM series WHERE series_uid=?", series_uid)
-        return rows[0] if rows else None
+    def events(self, limit: int = 200, offset: int = 0) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM events ORDER BY t DESC LIMIT ? OFFSET ?", int(limit), int(offset))
 
-    def jobs(self, state: str | None = None) -> list[dict[str, Any]]:
-        if state is None:
-            return self._rows("SELECT * FROM jobs ORDER BY created DESC")
-        return self._rows("SELECT * FROM jobs WHERE state=? ORDER BY created DESC", state)
-
-    def events(self, limit: int = 200) -> list[dict[str, Any]]:
-        return self._rows("SELECT * FROM events ORDER BY t DESC LIMIT ?", limit)
+    def prune_events(self, keep: int = 10_000, older_than_s: float | None = None) -> int:
+        """Delete events older than ``older_than_s`` and all but the newest ``keep``; returns how many."""
+        with self._tx() as db:
+            n = 0
+            if older_than_s is not None:
+                n += db.execute("DELETE FROM events WHERE t < ?", (time.time() - older_than_s,)).rowcount
+            n += db.execute(
+                "DELETE FROM events WHERE rowid NOT IN (SELECT rowid FROM events ORDER BY t DESC LIMIT ?)",
+                (int(keep),),
+            ).rowcount
+            return n

@@ -1,7 +1,10 @@
 """The node's C-STORE SCP (pynetdicom): accepts CT Image Storage, in the transfer syntaxes
 :func:`cervspine.io.load_study` decodes, from the allowed calling AE titles only, and Verification
-(C-ECHO). Each instance is written durably to the spool *before* the success status goes back; refused
-associations, presentation contexts and instances are recorded as events (the status page shows them).
+(C-ECHO). Callers are proven by AE title *and* address (:mod:`.callers`): an unknown address is closed
+unread by the listener (:mod:`.listener`), a known AE title from another address is rejected when it asks
+for an association. Each instance is written durably to the spool *before* the success status goes back;
+refused connections, associations, presentation contexts and instances are recorded as events (the status
+page shows them).
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, Verification
 
+from cervspine.dicom.events import EventLimiter
 from cervspine.dicom.faults import crash_point
 from cervspine.dicom.files import is_uid
+from cervspine.dicom.listener import ConnectionGate, GatedServer
 from cervspine.dicom.queue import JobQueue
 from cervspine.dicom.settings import NodeSettings
 from cervspine.dicom.source import CT_IMAGE_STORAGE
-from cervspine.dicom.spool import Spool
+from cervspine.dicom.spool import Spool, SpoolMeter
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +48,10 @@ class StoreSCP:
 
     def __init__(self, settings: NodeSettings, spool: Spool, queue: JobQueue):
         self.settings, self.spool, self.queue = settings, spool, queue
+        self.events = EventLimiter(queue)
+        self.meter = SpoolMeter(spool.root)
         self.server = None
+        self.listener_thread: threading.Thread | None = None
         self._open: dict[int, set[str]] = {}  # association → the series it stored into
         self._open_lock = threading.Lock()
 
@@ -59,8 +67,10 @@ class StoreSCP:
     def _ae(self) -> AE:
         ae = AE(ae_title=self.settings.ae_title)
         ae.require_called_aet = True
-        ae.require_calling_aet = list(self.settings.allowed_callers)
+        ae.require_calling_aet = sorted({c.ae_title for c in self.settings.allowed_callers})
         ae.maximum_associations = int(self.settings.max_associations)
+        t = self.settings.timeouts
+        ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = t.acse_s, t.dimse_s, t.network_s
         ae.add_supported_context(CTImageStorage, list(TRANSFER_SYNTAXES))
         ae.add_supported_context(Verification)
         return ae
@@ -76,8 +86,24 @@ class StoreSCP:
             (evt.EVT_CONN_CLOSE, self._closed),
         ]
         address = (self.settings.host, int(self.settings.port))
-        self.server = self._ae().start_server(address, block=False, evt_handlers=handlers)
-        log.info("C-STORE SCP %s listening on %s:%s", self.settings.ae_title, *address)
+        server = self._ae().make_server(
+            address,
+            evt_handlers=handlers,
+            server_class=GatedServer,
+            ssl_context=self.settings.tls.server_context(),
+        )
+        server.handshake_s = float(self.settings.timeouts.acse_s or 5.0)
+        server.gate = self.gate = ConnectionGate(
+            self.settings.callers, self.settings.max_connections_per_peer, self._on_connection_refused
+        )
+        server.ae._servers.append(server)
+        self.listener_thread = threading.Thread(
+            target=server.serve_forever, name="cervspine-scp-listener", daemon=True
+        )
+        self.listener_thread.start()
+        self.server = server
+        tls = " (TLS)" if self.settings.tls.receive else ""
+        log.info("C-STORE SCP %s listening on %s:%s%s", self.settings.ae_title, *address, tls)
 
     def stop(self) -> None:
         if self.server is not None:
@@ -95,19 +121,36 @@ class StoreSCP:
         title = str(requestor.ae_title or "").strip()
         return title or str(getattr(requestor.primitive, "calling_ae_title", "") or "").strip()
 
+    def _on_connection_refused(self, host: str, why: str) -> None:
+        log.warning("connection from %s refused: %s", host, why)
+        self.events.event("connection refused", host, why, key=(host,))
+
     def _on_rejected(self, event) -> None:
         caller, host = self._caller(event), event.assoc.requestor.address
         called = str(getattr(event.assoc.requestor.primitive, "called_ae_title", "") or "").strip()
-        if caller not in self.settings.allowed_callers:
-            why = "calling AE title not in allowed_callers"
+        if not self.settings.callers.admits(caller, host):
+            why = self.settings.callers.why_refused(caller, host)
         elif called != self.settings.ae_title:
             why = f"called AE title {called!r} is not {self.settings.ae_title!r}"
         else:
             why = "refused (too many associations?)"
         log.warning("association from AE %r (%s) rejected: %s", caller, host, why)
-        self.queue.event("association refused", caller, f"{why} (from {host})")
+        self.events.event("association refused", caller, f"{why} (from {host})", key=(host, called))
 
     def _on_requested(self, event) -> None:
+        """A caller whose AE title is not allowed from its address is rejected here, before negotiation
+        (A-ASSOCIATE-RJ, permanent, "calling AE title not recognised"): no data is accepted from it."""
+        caller, host = self._caller(event), event.assoc.requestor.address
+        if not self.settings.callers.admits(caller, host):
+            why = self.settings.callers.why_refused(caller, host)
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+            event.assoc.kill()
+            log.warning("association from AE %r (%s) rejected: %s", caller, host, why)
+            self.events.event("association refused", caller, f"{why} (from {host})", key=(host,))
+            return
+        self._check_contexts(event)
+
+    def _check_contexts(self, event) -> None:
         """An association that offers neither CT Image Storage nor Verification cannot deliver anything
         here: a named refusal (senders that offer every storage class, as dcmtk's storescu does, and
         include CT are not refusals)."""
@@ -118,12 +161,36 @@ class StoreSCP:
             more = " …" if len(names) > 3 else ""
             why = f"offers {', '.join(names[:3])}{more}: this node takes CT Image Storage"
             log.warning("association from AE %r refused: %s", caller, why)
-            self.queue.event("context refused", caller, why)
+            self.events.event("context refused", caller, why)
 
     def _refuse(self, caller: str, sop: str, why: str, status: int) -> int:
         log.warning("instance %s from AE %r refused: %s", sop if is_uid(sop) else "(bad UID)", caller, why)
-        self.queue.event("instance refused", caller, why)
+        self.events.event("instance refused", caller, why)
         return status
+
+    def _over_limits(self, series: str, ds, nbytes: int) -> tuple[str, bool] | None:
+        """Why this instance may not be stored, and whether its series is poison for it (None: it may)."""
+        lim = self.settings.limits
+        if nbytes > lim.instance_mb * 2**20:
+            return f"limits.instance_mb: {nbytes / 2**20:.1f} MB > {lim.instance_mb:g} MB", True
+        try:
+            pixels = int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0)
+        except (TypeError, ValueError):
+            pixels = 0
+        if pixels > lim.pixels_per_slice:
+            return f"limits.pixels_per_slice: Rows x Columns {pixels} > {lim.pixels_per_slice}", True
+        n = self.spool.count(series)
+        if (
+            n >= lim.instances_per_series
+            and not (self.spool.series_dir(series) / f"{ds.SOPInstanceUID}.dcm").exists()
+        ):
+            return f"limits.instances_per_series: {n} instances stored already", True
+        if self.meter.bytes + nbytes > lim.spool_gb * 2**30:
+            return f"limits.spool_gb: the spool holds {self.meter.bytes / 2**30:.2f} GB", False
+        free = self.meter.free_bytes()
+        if free - nbytes < lim.min_free_disk_gb * 2**30:
+            return f"limits.min_free_disk_gb: {free / 2**30:.2f} GB free on the spool's disk", False
+        return None
 
     def _on_store(self, event) -> int:
         caller = self._caller(event)
@@ -148,13 +215,28 @@ class StoreSCP:
             return self._refuse(caller, sop, "SOPInstanceUID differs from the C-STORE request's", REFUSED)
         if modality != "CT":
             return self._refuse(caller, sop, f"series {series}: Modality {modality!r} is not CT", REFUSED)
-        try:
-            self.spool.store(series, sop, event.encoded_dataset())
-        except OSError as e:
-            log.error("cannot store instance %s: %s", sop, e)
-            return OUT_OF_RESOURCES
-        with self._open_lock:
+        data = event.encoded_dataset()
+        with self._open_lock:  # before storing: the series is not complete while this association lasts
             self._open.setdefault(id(event.assoc), set()).add(series)
+        with self.spool.lock(series):  # a purge of this series waits (:mod:`.retention`)
+            return self._store(caller, sop, study, series, ds, data)
+
+    def _store(self, caller: str, sop: str, study: str, series: str, ds, data: bytes) -> int:
+        over = self._over_limits(series, ds, len(data))
+        if over is not None:
+            why, poisons = over
+            if poisons:
+                self.queue.received(series, study, caller)  # the series exists, and is poison
+                self.queue.mark_poison(series, f"an instance was refused: {why}")
+            return self._refuse(caller, sop, f"series {series}: {why}", OUT_OF_RESOURCES)
+        try:
+            self.spool.store(series, sop, data)
+        except OSError as e:
+            log.error("cannot store instance %s (0xA700): %s", sop, e)
+            return self._refuse(
+                caller, sop, f"cannot be stored ({type(e).__name__}: {e.strerror})", OUT_OF_RESOURCES
+            )
+        self.meter.add(len(data))
         self.queue.received(series, study, caller)
         crash_point("stored")
         return 0x0000

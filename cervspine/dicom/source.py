@@ -65,6 +65,11 @@ class SourceSeries:
         studies = {str(h.StudyInstanceUID) for h in headers}
         if len(studies) != 1:
             raise StudyReadError(f"{files[0].parent}: instances of {len(studies)} studies: {sorted(studies)}")
+        patients = {str(h.get("PatientID", "") or "") for h in headers}
+        if len(patients) != 1:  # the IDs are patient data: counted, not named
+            raise StudyReadError(
+                f"{files[0].parent}: instances of {len(patients)} patients (PatientID differs)"
+            )
         return cls(headers)
 
     @property

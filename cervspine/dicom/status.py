@@ -1,5 +1,11 @@
-"""The node's status page on ``http://127.0.0.1:<http_port>/`` (localhost only): the queue, refusals and
-failures with their reasons, done studies with links to their reports; ``/status.json`` the same as data.
+"""The node's status page on ``http://127.0.0.1:<http_port>/`` (localhost only): the node's threads
+(alive, last progress), the queue, refusals, quarantined series and dead-lettered results with their
+reasons, done studies with links to their reports, a page at a time (``?page=N``); ``/status.json`` the
+same as data; ``/health`` for monitoring (200 ``{"ok": true}`` or 503 with the problems).
+
+Requests whose ``Host`` header is not ``localhost``/``127.0.0.1``/``[::1]`` or a configured name are
+refused (403): a web page elsewhere cannot read this one through DNS rebinding. With a token configured
+every request needs it (``?token=…`` or ``Authorization: Bearer …``; 401 without).
 
 Only UIDs, AE titles, numbers and reasons are shown — never patient names or IDs — and every value is
 HTML-escaped (:func:`cervspine.report.html.esc`).
@@ -10,6 +16,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import hmac
 import json
 import logging
 import re
@@ -18,6 +25,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlencode
 
 from cervspine.report import html
 
@@ -34,17 +42,39 @@ def _when(t: float | None) -> str:
     return dt.datetime.fromtimestamp(float(t)).isoformat(sep=" ", timespec="seconds")
 
 
-def _link(job: str) -> html.Raw:
-    return html.Raw(f'<a href="/reports/{html.esc(job)}/report.html">report</a>')
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
-def render(snap: dict[str, Any]) -> str:
-    """The status page for a :meth:`cervspine.dicom.node.Node.snapshot`."""
+def _query(token: str | None, **more: Any) -> str:
+    args = {**({"token": token} if token else {}), **{k: v for k, v in more.items() if v}}
+    return f"?{urlencode(args)}" if args else ""
+
+
+def _link(job: str, token: str | None = None) -> html.Raw:
+    return html.Raw(f'<a href="/reports/{html.esc(job)}/report.html{html.esc(_query(token))}">report</a>')
+
+
+def _pages(snap: dict[str, Any], token: str | None) -> str:
+    page, size = int(snap.get("page", 0)), int(snap.get("page_size", 50))
+    total = max(1, -(-int(snap.get("largest", 0)) // size))
+    links = [f"page {page + 1} of {total}"]
+    if page > 0:
+        links.insert(0, f'<a href="/{html.esc(_query(token, page=page - 1))}">newer</a>')
+    if page + 1 < total:
+        links.append(f'<a href="/{html.esc(_query(token, page=page + 1))}">older</a>')
+    return f"<p>{' · '.join(links)}</p>"
+
+
+def render(snap: dict[str, Any], token: str | None = None) -> str:
+    """The status page for a :meth:`cervspine.dicom.node.Node.snapshot` (``token``: kept in its links)."""
     node, now = snap["node"], snap["now"]
+    counts = snap.get("counts", {})
     series, jobs = snap["series"], snap["jobs"]
     waiting = [s for s in series if s["state"] in ("receiving", "complete", "scoring")]
     failed = [s for s in series if s["state"] == "failed"]
+    quarantined = [s for s in series if s["state"] == "quarantined"]
     sending = [j for j in jobs if j["state"] == "sending"]
+    dead = [j for j in jobs if j["state"] == "dead"]
     done = [j for j in jobs if j["state"] == "sent"]
     op = node["operating_point"]
     op_text = (
@@ -75,6 +105,24 @@ def render(snap: dict[str, Any]) -> str:
         for j in sending
     ]
     fail_rows = [[s["series_uid"], s["study_uid"], s["reason"] or "", _when(s["updated"])] for s in failed]
+    quarantine_rows = [
+        [s["series_uid"], s["study_uid"], s["attempts"] or 0, s["reason"] or "", _when(s["updated"])]
+        for s in quarantined
+    ]
+    dead_rows = [
+        [j["study_uid"], j["job"], j["attempts"], j["last_error"] or "", _when(j["next_try"])] for j in dead
+    ]
+    health = snap.get("health") or {"ok": True, "problems": []}
+    thread_rows = [
+        [
+            t["name"],
+            ("stalled" if t.get("stalled") else "alive") if t["alive"] else "NOT RUNNING",
+            _when(t.get("last_progress")),
+            t.get("errors", ""),
+            t.get("last_error") or "",
+        ]
+        for t in snap.get("threads", [])
+    ]
     done_rows = [
         [
             j["study_uid"],
@@ -83,24 +131,32 @@ def render(snap: dict[str, Any]) -> str:
             {1: "suspected", 0: "not suspected"}.get(j["suspected"], "—"),
             j["sr_uid"],
             _when(j["sent_at"]),
-            _link(j["job"]),
+            _link(j["job"], token),
         ]
         for j in done
     ]
     event_rows = [[_when(e["t"]), e["kind"], e["subject"], e["detail"]] for e in snap["events"]]
     sections = [
         head,
+        f"<h2>Health: {'ok' if health['ok'] else 'PROBLEMS'}</h2>"
+        + (f"<p>{html.esc('; '.join(health['problems']))}</p>" if health["problems"] else "")
+        + html.table(["thread", "state", "last progress", "errors", "last error"], thread_rows),
         f"<h2>Queue ({len(waiting)})</h2>"
         + html.table(["series", "study", "state", "instances stored", "last instance"], queue_rows),
         f"<h2>Waiting for the destination ({len(sending)})</h2>"
         + html.table(["study", "job", "failed attempts", "last error", "next try"], send_rows),
-        f"<h2>Refused series ({len(failed)})</h2>"
+        _pages(snap, token),
+        f"<h2>Refused series ({counts.get('failed', len(failed))})</h2>"
         + html.table(["series", "study", "reason", "when"], fail_rows),
-        f"<h2>Done ({len(done)})</h2>"
+        f"<h2>Quarantined series ({counts.get('quarantined', len(quarantined))})</h2>"
+        + html.table(["series", "study", "attempts", "reason", "when"], quarantine_rows),
+        f"<h2>Dead-lettered results ({counts.get('dead', len(dead))})</h2>"
+        + html.table(["study", "job", "attempts", "reason", "when"], dead_rows),
+        f"<h2>Done ({counts.get('sent', len(done))})</h2>"
         + html.table(
             ["study", "series", "patient p", "at the operating point", "SR", "delivered", ""], done_rows
         ),
-        f"<h2>Refusals and notices ({len(event_rows)})</h2>"
+        f"<h2>Refusals and notices ({counts.get('events', len(event_rows))})</h2>"
         + html.table(["when", "what", "AE title / series", "detail"], event_rows),
     ]
     doc = html.page(f"cervspine node {node['ae_title']}", sections, synthetic=bool(node.get("synthetic")))
@@ -110,8 +166,19 @@ def render(snap: dict[str, Any]) -> str:
 class StatusServer:
     """A small threaded HTTP server bound to 127.0.0.1."""
 
-    def __init__(self, port: int, snapshot: Callable[[], dict[str, Any]], reports: Path):
+    def __init__(
+        self,
+        port: int,
+        snapshot: Callable[[int], dict[str, Any]],
+        reports: Path,
+        health: Callable[[], dict[str, Any]] | None = None,
+        hosts: tuple[str, ...] = (),
+        token: str | None = None,
+    ):
         self.snapshot, self.reports = snapshot, Path(reports)
+        self.health = health or (lambda: {"ok": True, "problems": []})
+        self.hosts = {h.lower() for h in (*LOCAL_HOSTS, *hosts)}
+        self.token = token or None
         self.httpd = ThreadingHTTPServer(("127.0.0.1", int(port)), self._handler())
         self.httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -144,12 +211,45 @@ class StatusServer:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _host_allowed(self) -> bool:
+                host = str(self.headers.get("Host", "")).strip().lower()
+                name = host[1 : host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+                return name in server.hosts
+
+            def _token_ok(self, query: dict[str, list[str]]) -> bool:
+                if server.token is None:
+                    return True
+                given = (query.get("token") or [""])[0]
+                auth = str(self.headers.get("Authorization", ""))
+                if auth.startswith("Bearer "):
+                    given = auth[len("Bearer ") :].strip()
+                return hmac.compare_digest(given.encode(), server.token.encode())
+
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-                path = self.path.split("?", 1)[0]
+                path, _, raw = self.path.partition("?")
+                query = parse_qs(raw)
+                if not self._host_allowed():
+                    log.warning("status page: request for Host %r refused", self.headers.get("Host"))
+                    why = b"Host not allowed (add it to status.hosts); this page answers localhost only"
+                    return self._send(403, why, "text/plain")
+                if not self._token_ok(query):
+                    return self._send(
+                        401, b"a token is needed: ?token=... or Authorization: Bearer", "text/plain"
+                    )
+                try:
+                    page = max(0, int((query.get("page") or ["0"])[0]))
+                except ValueError:
+                    page = 0
                 if path in ("/", "/index.html"):
-                    return self._send(200, render(server.snapshot()).encode(), "text/html; charset=utf-8")
+                    body = render(server.snapshot(page), server.token).encode()
+                    return self._send(200, body, "text/html; charset=utf-8")
+                if path == "/health":
+                    state = server.health()
+                    return self._send(
+                        200 if state["ok"] else 503, json.dumps(state).encode(), "application/json"
+                    )
                 if path == "/status.json":
-                    body = json.dumps(server.snapshot(), default=str).encode()
+                    body = json.dumps(server.snapshot(page), default=str).encode()
                     return self._send(200, body, "application/json")
                 parts = path.strip("/").split("/")
                 if (

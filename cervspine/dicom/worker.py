@@ -4,6 +4,7 @@ made in ``work/<job>/`` and moved into ``outbox/<job>/`` in one rename."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -15,25 +16,23 @@ from typing import Any
 
 import pydicom
 
-from cervspine.dicom.faults import crash_point
+from cervspine.dicom.faults import crash_point, memory_point
 from cervspine.dicom.spool import MANIFEST, Spool
 from cervspine.io.atomic import write_json_atomic
-from cervspine.scoring.thresholds import OperatingThreshold, calls_record
+from cervspine.jobs.records import study_record as predict_record
+from cervspine.scoring.thresholds import OperatingThreshold
 
 log = logging.getLogger(__name__)
 
 
 def study_record(pred, thresholds: OperatingThreshold | None, series_uid: str) -> dict[str, Any]:
-    """The record ``predict`` writes as ``studies/<uid>.json``, plus the series it answers."""
-    from cervspine.data.stage1_table import vertebra_extents
+    """The record ``predict`` writes as ``studies/<uid>.json``, plus the series it answers (the node keeps
+    one per series: ``studies/<study>/<series>.json``)."""
+    return {**predict_record(pred, thresholds), "SeriesInstanceUID": series_uid}
 
-    extents = vertebra_extents(pred.slice_table).drop(columns="StudyInstanceUID")
-    return {
-        **pred.as_dict(),
-        "SeriesInstanceUID": series_uid,
-        "vertebra_extents": extents.to_dict(orient="records"),
-        "operating_point": calls_record(thresholds, pred.probabilities),
-    }
+
+class ModelsUnavailable(RuntimeError):
+    """The models could not be loaded: no series is to blame (it is scored once they load)."""
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -42,6 +41,10 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text()) if path.is_file() else None
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class Scorer:
@@ -62,13 +65,17 @@ class Scorer:
         )
         self._predictor = None
         self._loading = threading.Lock()
+        self.node_pid: int | None = None  # the node's process, where this one is its worker
 
     @property
     def predictor(self):
         with self._loading:
             if self._predictor is None:
                 t0 = time.perf_counter()
-                self._predictor = self.factory()
+                try:
+                    self._predictor = self.factory()
+                except Exception as e:
+                    raise ModelsUnavailable(f"loading the models failed ({type(e).__name__}: {e})") from e
                 log.info("models loaded in %.1f s", time.perf_counter() - t0)
         return self._predictor
 
@@ -124,10 +131,12 @@ class Scorer:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         t0 = time.perf_counter()
+        crash_point("decoding", series_uid)
+        memory_point(series_uid)
         study = load_study(self.spool.series_dir(series_uid), workers=0)
         predictor = self.predictor
         cached = InMemoryStudy(study, CacheParams(image_size=predictor.image_size))
-        crash_point("scoring")
+        crash_point("scoring", series_uid, node_pid=self.node_pid)
         pred = predictor.predict(cached)
         synthetic = self.synthetic
         report = write_study_report(
@@ -150,7 +159,7 @@ class Scorer:
             "study_uid": pred.uid,
             "content_hash": content_hash,
             "sr_uid": results.sr_uid,
-            "files": [p.name for p in [*results.key_images, results.sr]],  # the SR last: sent = complete
+            "files": [p.name for p in results.files],  # the SR last: sent = complete
             "n_files": len(results.files),
             "n_instances": n_instances,
             "patient_p": float(pred.probabilities[-1]),
@@ -158,8 +167,9 @@ class Scorer:
             "seconds": time.perf_counter() - t0,
             "record": record,
         }
+        manifest["sha256"] = {name: _sha256(work / name) for name in manifest["files"]}  # checked at send
         write_json_atomic(work / MANIFEST, manifest)
-        write_json_atomic(self.spool.sub("studies") / f"{pred.uid}.json", record)
+        write_json_atomic(self.spool.record_path(pred.uid, series_uid), record)  # one per series
         self.spool.publish(work, job)
         crash_point("published")
         return manifest

@@ -7,19 +7,22 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 
 from cervspine.inference.runtime import Runtime
 from cervspine.models.backbones import backbone_name, without_pretrained_weights
+from cervspine.models.safe_load import load_checkpoint
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint dict; a missing file or one not written by ``torch.save`` is a named error."""
+    """The checkpoint dict (``weights_only``: :mod:`cervspine.models.safe_load`); a missing file, one not
+    written by ``torch.save`` or one that could run code is a named error."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return load_checkpoint(path)
+    except ValueError:
+        raise
     except Exception as e:
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
 
@@ -48,7 +51,7 @@ def load_module(
         map_location="cpu",
         backbone=without_pretrained_weights(hp["backbone"]),
         compile=False,
-        weights_only=False,
+        weights_only=True,
     )
     return runtime.prepare(model), data_hp
 

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cervspine.cache import CachedStudy
 from cervspine.inference.runtime import Runtime
 from cervspine.inference.stage1 import Stage1, load_stage1
@@ -17,6 +19,7 @@ from cervspine.scoring.answer import (  # noqa: F401  (StudyPrediction, ENSEMBLE
     ENSEMBLE_RULE,
     StudyPrediction,
     combine_members,
+    ensemble_prior,
 )
 
 
@@ -58,6 +61,11 @@ class Predictor:
     @property
     def checkpoints(self) -> list[Path]:
         return [m.checkpoint for m in self.stage2]
+
+    @property
+    def prior(self) -> np.ndarray:
+        """(8,) the answer known without looking (the members' training priors, combined)."""
+        return ensemble_prior([m.prior for m in self.stage2])
 
     def predict(self, study: CachedStudy) -> StudyPrediction:
         study = study.loaded()  # a compressed entry decoded once for all stages

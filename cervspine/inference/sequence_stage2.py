@@ -45,6 +45,11 @@ class SequenceStage2(TrainedStage):
         super().__init__(model, data_hp, runtime, checkpoint)
         self.cropper = VertebraCropper.from_hparams(data_hp)
 
+    @property
+    def prior(self) -> np.ndarray:
+        """(8,) the model's training prior (what a study gets that cannot be scored)."""
+        return np.asarray(self.model.training_prior(), dtype=np.float64)
+
     @classmethod
     def from_checkpoint(
         cls, path: str | Path, runtime: Runtime, *, ckpt: dict[str, Any] | None = None, **_: Any

@@ -68,6 +68,11 @@ class SliceStage2(TrainedStage):
     def calibrated(self) -> bool:
         return self._calibrated
 
+    @property
+    def prior(self) -> np.ndarray:
+        """(8,) the model's training prior (what a study gets that cannot be scored)."""
+        return np.asarray(self.model.training_prior(), dtype=np.float64)
+
     # ---- inputs --------------------------------------------------------------------------------------
     def inputs(self, study: CachedStudy, stage1: Stage1Output) -> SliceInputs:
         return slice_inputs(study, stage1, self.spec, self.stack)

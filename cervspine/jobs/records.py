@@ -12,15 +12,20 @@ from cervspine import TARGETS
 from cervspine.data.stage1_table import vertebra_extents
 from cervspine.scoring.answer import StudyPrediction
 from cervspine.scoring.competition import PROBABILITY_EPS
+from cervspine.scoring.levels import level_answers
 from cervspine.scoring.thresholds import OperatingThreshold, calls_record
 
 
 def study_record(pred: StudyPrediction, thresholds: OperatingThreshold | None = None) -> dict[str, Any]:
+    """The study's answer, its detected extents, the calls at the operating point and, per target, the
+    statement every other output shows (``levels``)."""
     extents = vertebra_extents(pred.slice_table).drop(columns="StudyInstanceUID")
+    answers = level_answers(pred.probabilities, thresholds, pred.not_localised)
     return {
         **pred.as_dict(),
         "vertebra_extents": extents.to_dict(orient="records"),
         "operating_point": calls_record(thresholds, pred.probabilities),
+        "levels": [a.record() for a in answers],
     }
 
 

@@ -6,9 +6,11 @@ The kit (``make kaggle-kit RUN=<run dir> OUT=<dir>``, uploaded as a Kaggle datas
 
     !python /kaggle/input/<kit dataset>/kaggle_predict.py
 
-It installs cervspine from ``wheels/`` (``pip install --no-index --find-links``) unless it is installed,
-then scores every study of test.csv. Paths and settings: ``--help``. This file is copied into the kit as
-is; it imports cervspine only after installing it.
+It installs cervspine from ``wheels/`` (``pip install --no-index --find-links wheels --require-hashes -r
+wheels/requirements.txt``: every wheel checked against the SHA-256 the kit recorded) unless it is
+installed, then scores every study of test.csv (each model checked against kit.json's SHA-256 first).
+Paths and settings: ``--help``. This file is copied into the kit as is; it imports cervspine only after
+installing it.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ def install(kit: Path = KIT) -> None:
             return
     except Exception:  # noqa: BLE001  (not installed)
         pass
-    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(kit / "wheels"), "-q",
-           f"cervspine=={wanted}"]  # fmt: skip
+    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(kit / "wheels"), "-q"]
+    hashed = kit / "wheels" / "requirements.txt"
+    cmd += ["--require-hashes", "-r", str(hashed)] if hashed.is_file() else [f"cervspine=={wanted}"]
     print("installing:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     importlib.invalidate_caches()

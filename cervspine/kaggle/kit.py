@@ -8,6 +8,8 @@ upload as a Kaggle dataset, for the competition's notebooks that run without int
                             them), pinned to the versions installed here, for pip install --no-index;
                             also torch's own small dependencies (not its CUDA runtime), used only where
                             the image's are missing or too old
+    OUT/wheels/requirements.txt  every wheel pinned with its SHA-256: the script installs with pip
+                            --require-hashes (a changed wheel is refused; the exact versions packed)
     OUT/models/             the run's evaluated checkpoints (training state stripped), its
                             operating_point.json, metrics.json and model card
     OUT/kit.json            what is where: models, pins, python, checksums, the source run
@@ -209,7 +211,9 @@ def strip_checkpoint(src: Path, dst: Path) -> None:
     """``src`` without its training state (optimizer, schedulers, loops, callbacks): what inference reads."""
     import torch
 
-    ckpt = torch.load(src, map_location="cpu", weights_only=False)
+    from cervspine.models.safe_load import load_checkpoint
+
+    ckpt = load_checkpoint(src)
     torch.save({k: ckpt[k] for k in KEEP_KEYS if k in ckpt}, dst)
 
 
@@ -270,6 +274,7 @@ def build_kit(
     if wheels:
         fetch_wheels(pins, out / "wheels", python_version, plat)
         project_wheel(out / "wheels")
+        write_hashed_requirements(out / "wheels", {p.split("==")[0] for p in pins} | {"cervspine"})
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     manifest = {
         "format": 1,
@@ -282,12 +287,33 @@ def build_kit(
         "platform": plat or platform.machine(),
         "excluded": list(exclude),
         "requirements": pins,
-        "install": f"pip install --no-index --find-links wheels cervspine=={version}" if wheels else None,
+        "install": "pip install --no-index --find-links wheels --require-hashes -r wheels/requirements.txt"
+        if wheels
+        else None,
         "sha256": {f: _sha256(out / f) for f in files if f.startswith("models/")},
     }
     (out / "kit.json").write_text(json.dumps(manifest, indent=2) + "\n")
     (out / "README.md").write_text(_readme(manifest))
     return Kit(out, manifest)
+
+
+HASHED_REQUIREMENTS = "requirements.txt"
+
+
+def write_hashed_requirements(wheels: Path, names: set[str]) -> Path:
+    """``wheels/requirements.txt``: ``name==version --hash=sha256:…`` for each wheel in ``wheels`` whose
+    distribution is in ``names`` — for the kit, every wheel it packs: pip's --require-hashes mode needs a
+    hash for whatever it installs, torch's own small dependencies included, so the kit installs exactly the
+    versions it was built and tested with."""
+    wanted = {canonical(n) for n in names}
+    lines = []
+    for whl in sorted(wheels.glob("*.whl")):
+        dist, version = whl.name.split("-")[:2]
+        if canonical(dist) in wanted:
+            lines.append(f"{canonical(dist)}=={version} --hash=sha256:{_sha256(whl)}")
+    path = wheels / HASHED_REQUIREMENTS
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def _git_commit() -> str | None:

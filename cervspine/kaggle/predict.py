@@ -2,60 +2,58 @@
 DICOM into memory (the next one read while the current one is scored), never into a cache — the hidden test
 set (~1,500 studies, ~300 slices of 512² each) would take ~240 GB cached where Kaggle gives ~20 GB of disk.
 
-A study that cannot be read or scored is answered with the ensemble's training prior (logged with its UID):
-a submission missing rows scores nothing, a prior row costs about what a guess does. ``strict=True`` fails
-instead. The kit's ``kaggle_predict.py`` calls :func:`predict_test_folder` with the kit's models.
+The loop is the one every folder run uses (:func:`cervspine.jobs.folder.score_folder`): a study that cannot
+be read or scored is answered with the ensemble's training prior (logged with its UID, listed in
+failures.csv): a submission missing rows scores nothing, a prior row costs about what a guess does.
+``strict=True`` fails instead, once the others are scored. The kit's ``kaggle_predict.py`` calls
+:func:`predict_test_folder` with the kit's models.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from cervspine.io.atomic import write_csv_atomic
 from cervspine.io.rsna import TEST_CSV, TEST_IMAGES, read_test
-from cervspine.jobs.records import submission_frame
+from cervspine.jobs.folder import FolderResult, score_folder
 
 log = logging.getLogger(__name__)
 KIT_MANIFEST = "kit.json"
 
 
-@dataclass
-class KagglePrediction:
-    submission: Path
-    predictions: dict[str, np.ndarray] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)  # answered with the prior
-    seconds: float = 0.0
-
-    @property
-    def seconds_per_study(self) -> float:
-        return self.seconds / max(1, len(self.predictions))
-
-
 def kit_models(kit: str | Path) -> tuple[Path, list[Path]]:
-    """(stage 1, [stage 2 members]) of a kit folder, from its ``kit.json``."""
+    """(stage 1, [stage 2 members]) of a kit folder, from its ``kit.json``: each a file inside the kit whose
+    SHA-256 is the one kit.json records (checked before anything loads it; else a ``ValueError``)."""
     kit = Path(kit)
     manifest = kit / KIT_MANIFEST
     if not manifest.is_file():
         raise FileNotFoundError(f"{kit}: no {KIT_MANIFEST} (not a folder written by make kaggle-kit)")
-    models = json.loads(manifest.read_text())["models"]
-    return kit / models["stage1"], [kit / p for p in models["stage2"]]
+    record = json.loads(manifest.read_text())
+    models, hashes = record["models"], record.get("sha256") or {}
+    paths = [_kit_file(kit, rel, hashes) for rel in [models["stage1"], *models["stage2"]]]
+    return paths[0], paths[1:]
 
 
-def ensemble_prior(predictor: Any) -> np.ndarray:
-    """(8,) the members' training priors, combined as their answers are (mean of logits)."""
-    logits = []
-    for member in predictor.stage2:
-        prior = np.clip(np.asarray(member.model.training_prior(), dtype=np.float64), 1e-4, 1 - 1e-4)
-        logits.append(np.log(prior) - np.log1p(-prior))
-    return 1 / (1 + np.exp(-np.mean(logits, axis=0)))
+def _kit_file(kit: Path, rel: str, hashes: dict[str, str]) -> Path:
+    import hashlib
+
+    path = kit / rel
+    if Path(rel).is_absolute() or ".." in Path(rel).parts or not path.resolve().is_relative_to(kit.resolve()):
+        raise ValueError(f"{manifest_name(kit)}: model {rel!r} is outside the kit: refused")
+    if rel not in hashes:
+        raise ValueError(f"{manifest_name(kit)}: no SHA-256 for {rel}: refused (build the kit again)")
+    got = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+    if got != hashes[rel]:
+        raise ValueError(
+            f"{path}: SHA-256 {got[:16]}… is not kit.json's {hashes[rel][:16]}… (changed after the kit was "
+            "built): refused before loading it"
+        )
+    return path
+
+
+def manifest_name(kit: Path) -> Path:
+    return kit / KIT_MANIFEST
 
 
 def predict_test_folder(
@@ -71,9 +69,10 @@ def predict_test_folder(
     num_threads: int | str | None = "auto",
     strict: bool = False,
     limit: int | None = None,
-) -> KagglePrediction:
-    """``data``'s test.csv → ``out`` (submission.csv: row_id, fractured in test.csv's order), with the
-    models of ``kit`` (its kit.json) or the checkpoints given. ``workers``: DICOM decoder processes."""
+) -> FolderResult:
+    """``data``'s test.csv → ``out`` (submission.csv: row_id, fractured in test.csv's order; failures.csv
+    and studies/<uid>.json beside it), with the models of ``kit`` (its kit.json) or the checkpoints given.
+    ``workers``: DICOM decoder processes; ``limit``: the first studies only (a dry run)."""
     from cervspine.cache import CacheParams, InMemoryStudy
     from cervspine.inference import load_predictor
     from cervspine.io import load_study
@@ -88,35 +87,17 @@ def predict_test_folder(
     predictor = load_predictor(stage1=stage1, stage2=list(stage2), device=device, batch_size=batch_size,
                                num_threads=num_threads)  # fmt: skip
     params = CacheParams(image_size=predictor.image_size)
-    prior = ensemble_prior(predictor)
     log.info("%d test studies, models: %s + %s", len(uids), Path(stage1).name, [Path(p).name for p in stage2])
 
     def read(uid: str) -> InMemoryStudy:
         return InMemoryStudy(load_study(data / TEST_IMAGES / uid, workers=workers, uid=uid), params)
 
-    result = KagglePrediction(out)
-    started = time.perf_counter()
-    with ThreadPoolExecutor(1, thread_name_prefix="read-study") as reader:
-        ahead: Future | None = reader.submit(read, uids[0]) if uids else None
-        for k, uid in enumerate(uids):
-            current, ahead = ahead, (reader.submit(read, uids[k + 1]) if k + 1 < len(uids) else None)
-            try:
-                result.predictions[uid] = predictor.predict(current.result()).probabilities
-            except Exception as e:
-                if strict:
-                    raise
-                result.failed[uid] = f"{type(e).__name__}: {e}"
-                result.predictions[uid] = prior
-                log.error("%s: answered with the prior (%s)", uid, result.failed[uid])
-            done = k + 1
-            if done % 25 == 0 or done == len(uids):
-                per, left = (time.perf_counter() - started) / done, len(uids) - done
-                log.info("%d/%d studies, %.1f s/study, %.0f s left", done, len(uids), per, per * left)
-    result.seconds = time.perf_counter() - started
-    rows = test[test["StudyInstanceUID"].isin(result.predictions)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_csv_atomic(submission_frame(rows, result.predictions), out)
-    if result.failed:
-        log.warning("%d of %d studies answered with the prior: %s", len(result.failed), len(uids),
-                    ", ".join(result.failed))  # fmt: skip
-    return result
+    return score_folder(
+        test[test["StudyInstanceUID"].isin(uids)],
+        read,
+        predictor.predict,
+        predictor.prior,
+        out.parent,
+        strict=strict,
+        submission=out,
+    )

@@ -229,7 +229,9 @@ class VertebraSequenceClassifier(StudyValidation, OptimizedModule):
 def load_encoder(encoder: nn.Module, path: str) -> None:
     """Initialise ``encoder`` from a checkpoint's ``backbone.*`` (a FractureClassifier: the slice model's
     trained CNN) or ``encoder.*`` (another sequence model) weights; the timm name and in_chans must match."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    from cervspine.models.safe_load import load_checkpoint
+
+    state = load_checkpoint(path)
     state = state.get("state_dict", state)
     for prefix in ("backbone.", "encoder."):
         sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}

@@ -23,6 +23,7 @@ from cervspine.cache import CachedStudy
 from cervspine.data.stage1_table import BOX_COLS, vertebra_extents
 from cervspine.inference import Explanation, Predictor, Stage1Output, StudyPrediction
 from cervspine.report import figures, html, saliency
+from cervspine.scoring.levels import LevelAnswer, format_probability, level_answers
 from cervspine.scoring.thresholds import OperatingThreshold, choose_thresholds
 
 DISPLAY_WINDOW = (-500.0, 1300.0)  # bone window, L=400 W=1800
@@ -40,12 +41,14 @@ class KeySlice:
     probability: float
     crop: tuple[int, int, int, int] = (0, 0, 0, 0)  # (y0, x0, y1, x1) in the cached slice
 
-    @property
-    def title(self) -> str:
-        return (
-            f"#{self.rank} slice {self.slice_index} (instance {self.instance_number}): "
-            f"{VERTEBRAE[self.vertebra]} p={self.probability:.2f}"
+    def title(self, answer: LevelAnswer | None = None) -> str:
+        """Its figure title: the slice's own score, labelled as per-slice evidence, and (``answer``) the
+        study-level answer for that level, the number every other output gives."""
+        head = (
+            f"#{self.rank} slice {self.slice_index} (instance {self.instance_number}): per-slice score for "
+            f"{VERTEBRAE[self.vertebra]} {self.probability:.2f}"
         )
+        return head if answer is None else f"{head}\nstudy answer {answer.short()}"
 
 
 @dataclass
@@ -168,7 +171,8 @@ def reformat_figure(
             x0 = right + width * (0.02 + 0.08 * (i % 2))
             colour = PROB_CMAP(NORM(probabilities[i]))
             ax.add_patch(Rectangle((x0, top), width * 0.05, low - top, color=colour, ec="k", lw=0.5))
-            ax.text(x0 + width * 0.055, (top + low) / 2, row.vertebra, va="center", fontsize=8)
+            label = f"{row.vertebra} {format_probability(probabilities[i])}"
+            ax.text(x0 + width * 0.055, (top + low) / 2, label, va="center", fontsize=7)
         for ks in key:
             zmm = (ks.slice_index + 0.5) * dz
             ax.plot([left, right], [zmm, zmm], color="#00e5ff", ls="--", lw=1)
@@ -185,9 +189,14 @@ def reformat_figure(
 
 
 def probability_figure(
-    probabilities: np.ndarray, thresholds: OperatingThreshold | None, synthetic: bool
+    probabilities: np.ndarray,
+    thresholds: OperatingThreshold | None,
+    synthetic: bool,
+    not_localised: list[str] = (),
 ) -> Figure:
-    """Horizontal bars of the 8 predicted probabilities, operating thresholds drawn when known."""
+    """Horizontal bars of the 8 study-level probabilities, each with its call at the operating point;
+    operating thresholds drawn when known."""
+    answers = level_answers(probabilities, thresholds, not_localised)
     fig = Figure(figsize=(7.5, 3.8), layout="constrained")
     fig.suptitle("Fracture probability per vertebra", fontsize=12, fontweight="bold", x=0.01, ha="left")
     figures.mark_synthetic(fig, synthetic)
@@ -196,12 +205,14 @@ def probability_figure(
     ypos = np.arange(len(names))[::-1].astype(float)
     ypos[-1] -= 0.4  # a gap before the patient-level bar
     ax.barh(ypos, probabilities, color=[PROB_CMAP(NORM(p)) for p in probabilities], height=0.7)
-    for yy, p in zip(ypos, probabilities):
-        inside = p > 0.85
+    for yy, p, a in zip(ypos, probabilities, answers):
+        inside = p > 0.6
+        note = "" if a.suspected is None else f"  {a.call}"
+        note += "" if a.localised else " (not localised: prior)"
         ax.text(
             p - 0.01 if inside else p + 0.01,
             yy,
-            f"{p:.2f}",
+            f"{format_probability(p)}{note}",
             va="center",
             ha="right" if inside else "left",
             fontsize=9,
@@ -222,13 +233,17 @@ def probability_figure(
 
 
 def key_slice_figure(
-    study: CachedStudy, key: list[KeySlice], explanation: Explanation | None, synthetic: bool
+    study: CachedStudy,
+    key: list[KeySlice],
+    explanation: Explanation | None,
+    synthetic: bool,
+    answers: list[LevelAnswer] | None = None,
 ) -> Figure:
     """Per key slice: the axial slice with the model's crop, the crop as the model saw it, Grad-CAM
     (only the axial slice when the stage-2 model gives no saliency)."""
     layer = explanation.layer if explanation is not None else None
     n, ncols = max(len(key), 1), 3 if layer else 1
-    fig = Figure(figsize=(10 if layer else 4.5, 3.3 * n + 0.6), layout="constrained")
+    fig = Figure(figsize=(10 if layer else 5.5, 3.5 * n + 0.6), layout="constrained")
     how = f"Grad-CAM at backbone.{layer}" if layer else "no saliency for this stage-2 model"
     fig.suptitle(f"Slices that drove the decision ({how})", fontsize=11, fontweight="bold", x=0.01, ha="left")
     figures.mark_synthetic(fig, synthetic)
@@ -236,7 +251,8 @@ def key_slice_figure(
     for row, ks in zip(axes, key):
         ax_full = row[0]
         ax_full.imshow(_window(study.slices([ks.slice_index])[0]), cmap="gray", interpolation="bilinear")
-        ax_full.set_title(ks.title, fontsize=9, loc="left")
+        answer = answers[ks.vertebra] if answers is not None else None
+        ax_full.set_title(ks.title(answer), fontsize=8, loc="left")
         if layer:
             y0, x0, y1, x1 = ks.crop
             box = Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec="#00e5ff", lw=1.5)
@@ -285,13 +301,16 @@ def write_study_report(
         for ks, c in zip(key, explanation.crops):
             ks.crop = c
     thresholds = choose_thresholds(None, None, threshold) if threshold is not None else None
+    answers = level_answers(pred.probabilities, thresholds, pred.not_localised)
     synthetic_flag = bool(synthetic)
     figs = {
         "reformats": reformat_figure(
             study.volume, tuple(study.meta["spacing_cached"]), table, pred.probabilities, key, synthetic_flag
         ),
-        "probabilities": probability_figure(pred.probabilities, thresholds, synthetic_flag),
-        "key_slices": key_slice_figure(study, key, explanation, synthetic_flag),
+        "probabilities": probability_figure(
+            pred.probabilities, thresholds, synthetic_flag, pred.not_localised
+        ),
+        "key_slices": key_slice_figure(study, key, explanation, synthetic_flag, answers),
     }
     pngs = {name: figures.save_png(fig, out / f"{name}.png") for name, fig in figs.items()}
     doc = html.page(
@@ -314,11 +333,10 @@ def _sections(
     pngs: dict[str, Path],
 ) -> list[str]:
     layer = explanation.layer if explanation is not None else None
-    limits = thresholds.per_target() if thresholds is not None else None
-    rows = []
-    for j, (name, p) in enumerate(zip(TARGETS, pred.probabilities)):
-        flag = "" if limits is None else ("fracture suspected" if p > limits[j] else "not suspected")
-        rows.append([name, f"{p:.3f}", flag])
+    rows = [
+        [a.target, format_probability(a.probability), "" if a.suspected is None else a.call]
+        for a in level_answers(pred.probabilities, thresholds, pred.not_localised)
+    ]
     t_note = (
         f"Operating point: a fracture is suspected when p &gt; {thresholds.vertebra:.3f} (vertebrae) or "
         f"p &gt; {thresholds.patient:.3f} (patient); rule: {html.esc(thresholds.rule)}."
@@ -352,7 +370,8 @@ def _sections(
         "level's fracture probability; dashed lines: the key slices below.</p>"
         + html.img_tag(pngs["reformats"], "sagittal and coronal reformats"),
         "<h2>Key slices</h2>"
-        + f'<p class="note">The {len(key)} stage-2 slices with the highest fracture probability. '
+        + f'<p class="note">The {len(key)} stage-2 slices with the highest per-slice fracture score: '
+        "per-slice evidence, not the study-level answer above (each title gives both). "
         f"{saliency_note}</p>" + html.img_tag(pngs["key_slices"], "key slices"),
         f'<p class="meta">timings: {html.esc(timing)}</p>',
     ]

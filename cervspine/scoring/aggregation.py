@@ -17,6 +17,7 @@ import pandas as pd
 
 from cervspine import TARGETS, VERTEBRAE
 from cervspine.scoring.competition import PROBABILITY_EPS
+from cervspine.scoring.probability import logit, noisy_or, sigmoid
 
 UID = "StudyInstanceUID"
 P_COLUMNS: tuple[str, ...] = tuple(f"p_{v}" for v in VERTEBRAE)
@@ -118,17 +119,16 @@ def register_aggregator(name: str) -> Callable[[Aggregator], Aggregator]:
 
 
 # ----------------------------------------------------------------------------------- patient_overall
-def noisy_or(vertebra_probs: np.ndarray) -> float:
+def overall_noisy_or(vertebra_probs: np.ndarray) -> float:
     """P(any fracture) if vertebrae were independent: 1 − Π_v (1 − C_v) (≥ max C_v)."""
-    # max(): 1 − (1 − c) can round a hair below c; the bound holds exactly, so keep it exactly
-    return float(max(1.0 - np.prod(1.0 - vertebra_probs), np.max(vertebra_probs)))
+    return float(noisy_or(vertebra_probs))
 
 
 def overall_max(vertebra_probs: np.ndarray) -> float:
     return float(np.max(vertebra_probs))
 
 
-OVERALL: dict[str, Callable[[np.ndarray], float]] = {"noisy_or": noisy_or, "max": overall_max}
+OVERALL: dict[str, Callable[[np.ndarray], float]] = {"noisy_or": overall_noisy_or, "max": overall_max}
 
 
 # ------------------------------------------------------------------------------------------ entry points
@@ -265,7 +265,7 @@ def vertebra_rows(
         if overall is not None:
             row[N_VERTEBRAE] = float(np.asarray(overall)[m][0]) if found.any() else prior[N_VERTEBRAE]
         elif found.any():
-            row[N_VERTEBRAE] = 1.0 - np.prod(1.0 - row[:N_VERTEBRAE])
+            row[N_VERTEBRAE] = noisy_or(row[:N_VERTEBRAE])
         rows.append(np.clip(row, DEFAULT_EPS, 1 - DEFAULT_EPS))
     return np.stack(rows), seen
 
@@ -286,9 +286,7 @@ def sequence_study(
 def logit_mean(study_probs: np.ndarray, eps: float = DEFAULT_EPS) -> np.ndarray:
     """(m, 8) study probabilities of m models → (8,) ``sigmoid(mean_m logit(p))`` (an ensemble's answer),
     each clipped to [eps, 1 − eps] first."""
-    p = np.clip(np.asarray(study_probs, dtype=np.float64), eps, 1 - eps)
-    logits = np.log(p) - np.log1p(-p)
-    return (1.0 / (1.0 + np.exp(-logits.mean(axis=0)))).astype(np.float32)
+    return sigmoid(logit(study_probs, eps).mean(axis=0)).astype(np.float32)
 
 
 def fill_unlocalised(study_probs: np.ndarray, localised: np.ndarray, prior: np.ndarray) -> np.ndarray:

@@ -108,6 +108,14 @@ def combine_members(
     )
 
 
+def ensemble_prior(priors: Sequence[np.ndarray]) -> np.ndarray:
+    """(8,) the answer known without looking: one member's training prior, or the members' priors combined
+    as their answers are (:func:`combine_members`: the mean of their logits)."""
+    if len(priors) == 1:
+        return np.asarray(priors[0], dtype=np.float32)
+    return logit_mean(np.stack([np.asarray(p, dtype=np.float64) for p in priors]))
+
+
 def prior_result(prior: np.ndarray, missing: list[str]) -> Stage2Result:
     """The answer when stage 1 found no level: the training prior for every target, flagged."""
     empty = np.zeros((0, len(VERTEBRAE)), dtype=np.float32)

@@ -17,18 +17,14 @@ import numpy as np
 from scipy.optimize import minimize
 
 from cervspine.scoring.competition import PROBABILITY_EPS, competition_weights
+from cervspine.scoring.probability import logit, sigmoid
 
 IDENTITY = (1.0, 0.0, 1.0, 0.0)
 _EPS = 1e-6
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1 - _EPS)
-    return np.log(p) - np.log1p(-p)
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
+    return logit(p, _EPS)  # a finer clip than the competition's: the fit sees the raw scores
 
 
 def fit_platt(y: np.ndarray, p: np.ndarray, w: np.ndarray, ridge: float = 1e-2) -> tuple[float, float]:
@@ -43,7 +39,7 @@ def fit_platt(y: np.ndarray, p: np.ndarray, w: np.ndarray, ridge: float = 1e-2) 
         z = a * x + b
         # log(1 + e^z) − y·z, written stably
         nll = np.logaddexp(0.0, z) - y * z
-        g = w * (_sigmoid(z) - y) / total
+        g = w * (sigmoid(z) - y) / total
         value = float((w * nll).sum() / total + ridge * ((a - 1) ** 2 + b**2))
         grad = np.array([(g * x).sum() + 2 * ridge * (a - 1), g.sum() + 2 * ridge * b])
         return value, grad
@@ -79,8 +75,8 @@ class StudyCalibration:
             return p
         a_v, b_v, a_o, b_o = self.params
         out = np.empty_like(p)
-        out[..., :7] = _sigmoid(a_v * _logit(p[..., :7]) + b_v)
-        out[..., 7] = _sigmoid(a_o * _logit(p[..., 7]) + b_o)
+        out[..., :7] = sigmoid(a_v * _logit(p[..., :7]) + b_v)
+        out[..., 7] = sigmoid(a_o * _logit(p[..., 7]) + b_o)
         return out
 
 
@@ -142,7 +138,7 @@ def shrink(y_pred: np.ndarray, prior: np.ndarray, weights: tuple[float, float]) 
     if s_v == 0.0 and s_o == 0.0:
         return p
     s = np.array([s_v] * 7 + [s_o])
-    return _sigmoid((1 - s) * _logit(p) + s * _logit(np.asarray(prior, dtype=np.float64)))
+    return sigmoid((1 - s) * _logit(p) + s * _logit(np.asarray(prior, dtype=np.float64)))
 
 
 def coherent_overall(study_probs: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+import cervspine.models.safe_load  # noqa: F401  (registers the classes our checkpoints hold: weights_only)
 from cervspine.io.atomic import write_json_atomic
 from cervspine.models.backbones import check_weights
 from cervspine.runs.info import save_run_info
@@ -122,7 +123,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     objects: dict[str, Any] = {"trainer": trainer, "model": model, "datamodule": datamodule}
     try:
         # our own checkpoints hold the config (DictConfig, optimizer partial): not weights-only
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         ckpt_cb = trainer.checkpoint_callback
         best_path = getattr(ckpt_cb, "best_model_path", None) if ckpt_cb is not None else None

@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import pandas as pd
 
+import cervspine.models.safe_load  # noqa: F401  (registers the classes our checkpoints hold: weights_only)
 from cervspine import TARGETS
 from cervspine.io.atomic import write_csv_atomic, write_json_atomic
 from cervspine.models.study_validation import StudyValidation
@@ -30,7 +31,7 @@ def write_oof_predictions(
     if not isinstance(model, StudyValidation) or trainer.fast_dev_run:
         return
     if best_path and Path(best_path).is_file():
-        trainer.validate(model, datamodule=datamodule, ckpt_path=best_path, verbose=False, weights_only=False)
+        trainer.validate(model, datamodule=datamodule, ckpt_path=best_path, verbose=False, weights_only=True)
     if model.last_val_predictions is None or not trainer.is_global_zero:
         return
     table = model.last_val_predictions.to_frame(fold=getattr(datamodule, "fold", -1))

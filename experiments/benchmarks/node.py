@@ -107,7 +107,8 @@ class Node:
         self.port = port
         self.args = [
             sys.executable, "-m", "cervspine.serve", f"spool={tmp / 'spool'}", f"port={port}",
-            "allowed_callers=[S0,S1,S2,S3]", "destination.host=127.0.0.1", f"destination.port={pacs_port}",
+            "allowed_callers=[" + ",".join(f"{{ae_title:S{i},address:127.0.0.1}}" for i in range(4)) + "]",
+            "destination.host=127.0.0.1", f"destination.port={pacs_port}",
             "destination.ae_title=ORTHANC", f"idle_s={IDLE_S}", "http_port=null", "device=cpu",
             f"ckpt.stage1={PREMOVE / 'stage1.ckpt'}", f"ckpt.stage2=[{PREMOVE / 'slice.ckpt'}]",
             "synthetic=true", "retry.initial_s=0.5", "retry.max_s=2", "num_threads=1",
@@ -138,7 +139,7 @@ def send_with_retry(port: int, folder: Path, caller: str) -> float:
     files = sorted(folder.glob("*.dcm"))
     while True:
         try:
-            store_files(Destination("127.0.0.1", port, "CERVSPINE"), files, caller, timeout_s=60)
+            store_files(Destination("127.0.0.1", port, "CERVSPINE"), files, caller)
             return time.time()
         except (SendError, OSError, RuntimeError):
             time.sleep(0.5)

@@ -21,8 +21,10 @@ from pathlib import Path
 
 from experiments.benchmarks.common import ROOT, fmt, machine_info
 
-BENCHMARKS = ("loading", "datapipe", "inputs", "inference", "backends", "memory", "recipe_memory", "training",
-              "synthetic", "node")  # fmt: skip
+BENCHMARKS = (
+    "loading", "datapipe", "inputs", "inference", "backends", "memory", "recipe_memory", "training",
+    "synthetic", "node", "node_chaos",
+)  # fmt: skip
 DEFAULT_OUT = Path(__file__).with_name("RESULTS.md")
 
 

@@ -23,9 +23,10 @@ from cervspine.pipeline import run
 with composed("pipeline", ov, run_dir) as cfg:
     run(cfg)
 from cervspine.runs import best_checkpoint
+from cervspine.models.safe_load import load_checkpoint
 ck = out / "checkpoints"; ck.mkdir(exist_ok=True)
 for name, d in [("stage1", "stage1"), ("slice", "stage2"), ("sequence", "stage2_seq")]:
-    c = torch.load(best_checkpoint(run_dir / d), map_location="cpu", weights_only=False)
+    c = load_checkpoint(best_checkpoint(run_dir / d))
     keep = {k: c[k] for k in ("state_dict", "hyper_parameters", "datamodule_hyper_parameters", "pytorch-lightning_version", "epoch", "global_step", "hparams_name", "datamodule_hparams_name", "model_class") if k in c}
     torch.save(keep, ck / f"{name}.ckpt")
 from cervspine.data.cache import CachedStudy
