@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= data/synthetic_demo_v5
 PYTEST_ARGS ?=
 
-.PHONY: help install demo demo-quality print-demo-synth test test-slow test-viewer bench rehearsal lint format fuzz clean browser dicom-tools
+.PHONY: help install demo demo-quality print-demo-synth test test-slow test-viewer bench gpu-check rehearsal lint format fuzz clean browser dicom-tools
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -79,6 +79,10 @@ rehearsal: $(STAMP) ## experiment=rsna at real sizes on synthetic studies (GPU ~
 
 bench: $(STAMP) ## benchmarks; results in experiments/benchmarks/RESULTS.md
 	$(PY) -m experiments.benchmarks.run_all
+
+GPU_CHECK_ARGS ?=
+gpu-check: $(STAMP) ## the GPU figures of the real recipes, ≤8 min on one H100, no network → experiments/benchmarks/gpu_check.{json,md}
+	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(PY) -m experiments.benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check cervspine tests experiments

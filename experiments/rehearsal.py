@@ -63,7 +63,7 @@ SEQ_SAMPLES = FULL["seq_epochs"] * FULL["seq_vertebrae_per_epoch"]
 SLICE_SAMPLES = FULL["slice_epochs"] * FULL["slice_samples_per_epoch"]
 STAGES = {  # pipeline step → (stage key, backbone, input size, samples of one fold's training)
     "train_stage1": ("stage1", "efficientnet_b0", 192, STAGE1_SAMPLES),
-    "train_stage2": ("stage2", "tf_efficientnetv2_s", 384, SEQ_SAMPLES),
+    "train_stage2": ("stage2", "tf_efficientnetv2_s", 224, SEQ_SAMPLES),
     "train_stage2_slice": ("stage2_ensemble.slice", "tf_efficientnet_b5", 384, SLICE_SAMPLES),
 }
 # 2-D images a training sample holds in the recipes (the CPU mode cuts fracture_seq's 15 to 4; stage 1's

@@ -37,6 +37,7 @@ def _overrides(tiny_root: Path, experiment: str) -> list[str]:
             "data.image_size=64",
             "data.num_workers=0",
             "data.preprocess_workers=1",
+            "model.backbone.pretrained=false",  # ImageNet by default; nothing is downloaded in tests
         ]
     return ov
 

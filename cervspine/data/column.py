@@ -174,6 +174,16 @@ class VertebraeColumnDataModule(RsnaDataModule):
             augment=augment,
         )
 
+    def images_per_sample(self, uids: Sequence[str], *, train: bool) -> int:
+        """The longest column of ``uids``: every position at the smallest step (training's jitter)."""
+        sampler = (
+            replace(self.sampler, z_step_mm=self.sampler.z_step_mm / self.z_step_jitter)
+            if train
+            else self.sampler
+        )
+        counts = [len(sampler.positions(s.num_slices, spacing_mm(s))) for s in map(self.study, uids)]
+        return min(max(counts, default=1), self.sampler.max_positions)
+
     def train_dataloader(self) -> DataLoader:
         ds = self.dataset(self.train_uids, train=True)
         sampler = (

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from cervspine.cache.study import CachedStudy
-from cervspine.data.windows import WINDOWS, StackSpec, apply_windows, resize_hwc
+from cervspine.data.windows import WINDOWS, StackSpec, windowed_resized
 
 
 @dataclass(frozen=True)
@@ -73,11 +73,7 @@ class ColumnSampler:
         offsets = np.arange(-self.context, self.context + 1) * k
         need = np.clip(np.asarray(idx)[:, None] + offsets[None, :], 0, z - 1)  # (L, K)
         uniq, inv = np.unique(need, return_inverse=True)
-        win = apply_windows(np.asarray(volume[uniq]), self.windows, axis=1)  # (U, nW, H, W)
-        if win.shape[2:] != (self.input_size, self.input_size):
-            win = np.stack(
-                [resize_hwc(w.transpose(1, 2, 0), self.input_size).transpose(2, 0, 1) for w in win]
-            )
+        win = windowed_resized(np.asarray(volume[uniq]), self.windows, self.input_size)  # (U, nW, S, S)
         stacks = win[inv.reshape(need.shape)]  # (L, K, nW, S, S)
         return np.ascontiguousarray(stacks.transpose(0, 2, 1, 3, 4).reshape(len(idx), -1, *win.shape[2:]))
 

@@ -122,6 +122,11 @@ class RsnaDataModule(L.LightningDataModule):
         """Whether stage 2 can place the vertebrae of ``uid`` (stage-1 predictions or a segmentation)."""
         return True
 
+    def images_per_sample(self, uids: Sequence[str], *, train: bool) -> int:
+        """The most 2-D images the backbone sees for one sample of ``uids`` (what a training step's memory
+        scales with: :mod:`cervspine.training.memory`): one slice stack for the slice stages."""
+        return 1
+
     def usable(self, uids: Sequence[str]) -> list[str]:
         """``uids`` that :meth:`has_geometry`, with a warning naming how many are skipped."""
         ok = [u for u in uids if self.has_geometry(u)]

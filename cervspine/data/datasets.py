@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from cervspine.cache import CachedStudy
 from cervspine.data.spine import crop_pixels
-from cervspine.data.transforms import resize_hwc, window_stack
+from cervspine.data.windows import windowed_resized
 
 
 class _SliceStacks(Dataset):
@@ -42,7 +42,9 @@ class _SliceStacks(Dataset):
             y0, x0, y1, x1 = crop_pixels(crop, *study.volume.shape[1:])
             idx = np.clip(z + self.offsets, 0, study.num_slices - 1)
             hu = np.asarray(study.volume[idx, y0:y1, x0:x1])
-        return resize_hwc(window_stack(hu, self.windows), self.input_size)
+        win = windowed_resized(hu, self.windows, self.input_size)  # (K, nW, S, S)
+        chw = win.transpose(1, 0, 2, 3).reshape(-1, *win.shape[2:])  # window-major channels
+        return np.ascontiguousarray(chw.transpose(1, 2, 0))
 
 
 def _chw(img: np.ndarray) -> torch.Tensor:

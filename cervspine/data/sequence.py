@@ -170,6 +170,10 @@ class VertebraSequenceDataModule(RsnaDataModule):
             augment=build_augment(self.augment_transforms) if train else None,
         )
 
+    def images_per_sample(self, uids: Sequence[str], *, train: bool) -> int:
+        """``n_slices`` crops for each vertebra of an item (7 a study, or one)."""
+        return self.cropper.n_slices * (len(VERTEBRAE) if self.sample == "study" else 1)
+
     def _weights(self, ds: VertebraSequenceDataset) -> np.ndarray:
         """Sampling weight per item: ``pos_fraction`` of the draws go to items with a positive target."""
         pos = np.array([ds.targets[s, list(v)].max() > 0 for s, v in ds.items])

@@ -34,7 +34,7 @@ import numpy as np
 
 from cervspine import VERTEBRAE
 from cervspine.data.spine import crop_pixels
-from cervspine.data.windows import WINDOWS, StackSpec, apply_windows, resize_hwc
+from cervspine.data.windows import WINDOWS, StackSpec, parallel_map, resize_hwc, windowed_resized
 
 N_VERT = len(VERTEBRAE)
 MASK_MODES = ("none", "box", "auto")
@@ -211,12 +211,10 @@ class VertebraCropper:
         y0, x0, y1, x1 = crop_pixels(np.asarray(extent.box), height, width)
         idx = np.clip(zs[:, None] + np.asarray(self.offsets)[None, :], 0, num - 1)  # (n, K)
         uniq, inv = np.unique(idx, return_inverse=True)
-        hu = np.asarray(volume[uniq, y0:y1, x0:x1], dtype=np.float32)  # only the needed crops
-        win = apply_windows(hu, self.windows, axis=1)  # (K', nW, h, w)
-        stacks = win[inv.reshape(idx.shape)]  # (n, K, nW, h, w)
-        stacks = stacks.transpose(0, 2, 1, 3, 4).reshape(n * self.image_channels, y1 - y0, x1 - x0)
-        img = resize_hwc(np.ascontiguousarray(stacks.transpose(1, 2, 0)), s)
-        img = img.reshape(s, s, n, self.image_channels).transpose(2, 3, 0, 1)
+        hu = np.asarray(volume[uniq, y0:y1, x0:x1])  # only the needed crops, each slice once
+        win = windowed_resized(hu, self.windows, s)  # (K', nW, S, S): each slice resized once
+        stacks = win[inv.reshape(idx.shape)]  # (n, K, nW, S, S)
+        img = stacks.transpose(0, 2, 1, 3, 4).reshape(n, self.image_channels, s, s)  # window-major
         if self.mask == "none":
             return np.ascontiguousarray(img, dtype=np.float32), zs
         mask = self._mask(extent, zs, (y0, x0, y1, x1), (height, width), vis, boxes, seg)
@@ -267,9 +265,11 @@ def study_sequences(
     vis: np.ndarray | None = None,
     boxes: np.ndarray | None = None,
     seg: np.ndarray | None = None,
+    threads: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All 7 of a study: images (7, n, C, S, S), slice indices (7, n), present (7,) bool."""
-    seqs = [cropper.sequence(volume, e, vis, boxes, seg) for e in extents]
+    """All 7 of a study: images (7, n, C, S, S), slice indices (7, n), present (7,) bool. The vertebrae
+    are cut side by side on ``threads`` threads (None: the usable cores, :func:`input_threads`)."""
+    seqs = parallel_map(lambda e: cropper.sequence(volume, e, vis, boxes, seg), extents, threads)
     images = np.stack([x for x, _ in seqs])
     slices = np.stack([z for _, z in seqs])
     return images, slices, np.array([e.present for e in extents])

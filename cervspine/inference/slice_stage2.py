@@ -13,9 +13,9 @@ import torch
 from cervspine import VERTEBRAE
 from cervspine.cache import CachedStudy
 from cervspine.data.slice_crops import SliceCropSpec
-from cervspine.data.slice_inputs import (  # noqa: F401  (SliceInputs, Windowed: re-exported)
+from cervspine.data.slice_inputs import (  # noqa: F401  (SliceInputs, HuReader: re-exported)
+    HuReader,
     SliceInputs,
-    Windowed,
     explained_inputs,
     slice_batch,
     slice_inputs,

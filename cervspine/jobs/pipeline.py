@@ -146,7 +146,7 @@ def preflight(cfg: DictConfig, scratch: Path) -> None:
     """Every stage's recipe can run here, checked before hours of preprocessing: CUDA where a recipe asks
     for a GPU, and pretrained weights that are cached or downloadable (each fails in seconds, naming the
     override that fixes it)."""
-    from cervspine.models.backbones import create_backbone, pretrained_source
+    from cervspine.models.backbones import check_weights
     from cervspine.training.fit import check_accelerator
 
     for stage in stage_keys(cfg):
@@ -160,14 +160,8 @@ def preflight(cfg: DictConfig, scratch: Path) -> None:
                 "GPUs: trainer.devices=N); train a stage on several nodes with python -m cervspine.train -m "
                 f"launcher=slurm experiment={recipe} trainer=ddp trainer.num_nodes={nodes} ..."
             )
-        backbone = OmegaConf.select(stage_cfg, "model.backbone", default=None)
-        if backbone is None:
-            continue
-        try:
-            if backbone.get("weights_path"):  # a missing or unfit file is told now, not after preprocessing
-                create_backbone(str(backbone.name), in_chans=3, weights_path=str(backbone.weights_path))
-            elif backbone.get("pretrained"):
-                pretrained_source(str(backbone.name))
+        try:  # a missing or unfit weights file is told now, not after preprocessing
+            check_weights(OmegaConf.select(stage_cfg, "model.backbone", default=None))
         except (CervspineInputError, FileNotFoundError) as e:
             raise type(e)(f"{stage} ({stage_cfg.experiment_name}): {e} (in {stage}.overrides)") from None
 

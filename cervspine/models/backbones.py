@@ -118,6 +118,26 @@ def pretrained_source(name: str, timeout: float = HUB_TIMEOUT_S) -> str | None:
     )
 
 
+def check_weights(backbone: Mapping[str, Any] | None, *, read_file: bool = True) -> None:
+    """That a ``model.backbone`` config's weights can be had here, told within seconds and before any
+    data is touched: its ``weights_path`` file (read and fitted to the backbone unless ``read_file`` is
+    false: then only that it exists), else with ``pretrained`` timm's ImageNet weights cached or
+    downloadable (:func:`pretrained_source`). Raises :class:`PretrainedWeightsUnavailable`,
+    :class:`WeightsMismatch` or ``FileNotFoundError`` naming the override that runs anyway; nothing for a
+    backbone without a timm ``name`` (a custom factory) or with neither setting."""
+    if backbone is None or not backbone.get("name"):
+        return
+    weights_path = backbone.get("weights_path")
+    if weights_path:
+        path = Path(str(weights_path)).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"model.backbone.weights_path: pretrained weights file not found: {path}")
+        if read_file:
+            create_backbone(str(backbone["name"]), in_chans=3, weights_path=str(path))
+    elif backbone.get("pretrained"):
+        pretrained_source(str(backbone["name"]))
+
+
 def create_backbone(
     name: str,
     in_chans: int,
@@ -125,13 +145,32 @@ def create_backbone(
     pretrained: bool = False,
     weights_path: str | None = None,
     drop_path_rate: float | None = None,
+    grad_checkpointing: bool = False,
 ) -> nn.Module:
     """A timm feature extractor (``num_classes=0``; ``.num_features`` gives its width).
+
+    ``grad_checkpointing``: timm's activation checkpointing (each block's activations recomputed in the
+    backward pass instead of kept: ~10× less training memory per image for the EfficientNets, slower
+    steps; :mod:`cervspine.training.memory` names it where a CPU run would not fit).
 
     ``weights_path`` loads pretrained weights from a local file (timm adapts the stem to ``in_chans``); a
     file of another architecture raises :class:`WeightsMismatch` naming both. ``pretrained=True`` without
     a path takes the hub cache's copy or downloads it (:func:`pretrained_source`: fails fast offline).
     """
+    model = _create(name, in_chans, pretrained, weights_path, drop_path_rate)
+    if grad_checkpointing:
+        try:
+            model.set_grad_checkpointing(True)
+        except (AttributeError, NotImplementedError, AssertionError) as e:
+            raise CervspineInputError(
+                f"model.backbone.grad_checkpointing=true: timm's {name} has no gradient checkpointing ({e})"
+            ) from None
+    return model
+
+
+def _create(
+    name: str, in_chans: int, pretrained: bool, weights_path: str | None, drop_path_rate: float | None
+) -> nn.Module:
     kwargs = {"in_chans": in_chans, "num_classes": 0}
     if drop_path_rate is not None:
         kwargs["drop_path_rate"] = drop_path_rate

@@ -204,8 +204,9 @@ class VertebraSequenceClassifier(StudyValidation, OptimizedModule):
     def on_validation_epoch_end(self) -> None:
         metrics = (self.val_probs, self.val_present, self.val_vert, self.val_study, self.val_overall)
         has_overall = bool(self.val_overall.update_called)
-        probs, present, vert, study = (m.compute().cpu().numpy() for m in metrics[:4])
-        overall = self.val_overall.compute().cpu().numpy() if has_overall else None
+        # atleast_1d: CatMetric gives a 0-d tensor for a single value (one validation vertebra)
+        probs, present, vert, study = (np.atleast_1d(m.compute().cpu().numpy()) for m in metrics[:4])
+        overall = np.atleast_1d(self.val_overall.compute().cpu().numpy()) if has_overall else None
         for m in metrics:
             m.reset()
         dm = getattr(self.trainer, "datamodule", None)

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import cervspine.models.safe_load  # noqa: F401  (registers the classes our checkpoints hold: weights_only)
 from cervspine.io.atomic import write_json_atomic
+from cervspine.models.backbones import check_weights
 from cervspine.runs.info import save_run_info
 from cervspine.training.ddp import patch_lightning_hydra_ddp
 from cervspine.training.oof import write_oof_predictions
@@ -96,6 +97,7 @@ def check_accelerator(cfg: DictConfig, where: str = "") -> None:
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit ``cfg.model`` on ``cfg.data``; returns (metrics, objects). Tests call this directly."""
     check_accelerator(cfg)
+    check_weights(OmegaConf.select(cfg, "model.backbone", default=None), read_file=False)  # in seconds
     patch_lightning_hydra_ddp()
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)

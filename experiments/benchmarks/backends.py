@@ -6,12 +6,12 @@ that meets the 10 s goal; and predict's default threads beside a CPU-heavy proce
 Recipes (random init: ``model.backbone.pretrained=false``; weights do not change the time), composed from
 the train configs as train does: demo = the demo pipeline's vertebrae_column_demo (test_resnet at 64²,
 3 mm steps) + fracture_demo (ResNet-18, 64² spine crops); production = the rsna job's vertebrae_column
-(EfficientNet-B0 per slice at 192², 2 windows × 5 slices, 2 mm steps, BiGRU) + fracture_seq
-(EfficientNetV2-S, 7 vertebrae × 15 crops of 384², 5 slices + box mask, BiGRU) and/or fracture_b5
-(EfficientNet-B5 + metadata on 384² spine crops of 5-slice stacks). Study: a synthetic DICOM series of
-RSNA size, 512×512×300 slices 1 mm apart, one study (every figure is per study); stage 1's answer is a fixed
-C1–C7 over 125 slices (the cervical column's ~125 mm) with the spine box in the middle, so that every
-backend gets the same stage-2 work whatever its random weights say.
+(EfficientNet-B0 per slice at 192², 2 windows × 3 slices, 2 mm steps, BiGRU) + fracture_seq
+(EfficientNetV2-S, 7 vertebrae × 15 crops of 224² since issue 32, 384² before; 5 slices + box mask,
+BiGRU) and/or fracture_b5 (EfficientNet-B5 + metadata on 384² spine crops of 5-slice stacks). Study: a
+synthetic DICOM series of RSNA size, 512×512×300 slices 1 mm apart, one study (every figure is per
+study); stage 1's answer is a fixed C1–C7 over 125 slices (the cervical column's ~125 mm) with the spine
+box in the middle, so that every backend gets the same stage-2 work whatever its random weights say.
 
 Phases: load (DICOM → the cache form in memory), stage 1 (its inputs + the model), crops (stage-2 inputs),
 stage 2 (the model). The numpy phases are the same code for every backend and run once on the whole study.

@@ -22,7 +22,8 @@ from pathlib import Path
 from experiments.benchmarks.common import ROOT, fmt, machine_info
 
 BENCHMARKS = (
-    "loading", "datapipe", "inference", "backends", "memory", "training", "synthetic", "node", "node_chaos",
+    "loading", "datapipe", "inputs", "inference", "backends", "memory", "recipe_memory", "training",
+    "synthetic", "node", "node_chaos",
 )  # fmt: skip
 DEFAULT_OUT = Path(__file__).with_name("RESULTS.md")
 
@@ -62,14 +63,21 @@ def _ratio(row: dict) -> str:
 
 
 def render(
-    rows: list[dict], info: dict, durations: dict[str, float], errors: dict[str, str], quick: bool
+    rows: list[dict],
+    info: dict,
+    durations: dict[str, float],
+    errors: dict[str, str],
+    quick: bool,
+    only: str = "",
 ) -> str:
+    """RESULTS.md; ``only``: the benchmarks run, when not all of them."""
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     total = sum(durations.values())
     out = [
         "# Benchmarks",
         "",
-        f"Written by `make bench` (`python -m experiments.benchmarks.run_all{' --quick' if quick else ''}`) "
+        f"Written by {'`make bench` (' if not only else ''}`python -m experiments.benchmarks.run_all"
+        f"{' --quick' if quick else ''}{f' --only {only}' if only else ''}`{')' if not only else ''} "
         f"on {when}; the whole run took {total / 60:.1f} min "
         f"({', '.join(f'{k} {v:.0f} s' for k, v in durations.items())}).",
         "",
@@ -122,7 +130,8 @@ def main() -> None:
             rows += got
             if err:
                 errors[name] = err
-    args.out.write_text(render(rows, info, durations, errors, args.quick))
+    only = ",".join(names) if set(names) != set(BENCHMARKS) else ""
+    args.out.write_text(render(rows, info, durations, errors, args.quick, only))
     print(f"wrote {args.out} ({sum(durations.values()) / 60:.1f} min)")
     if errors:
         sys.exit(1)
